@@ -1,0 +1,15 @@
+"""agem_fast: fused, exact A-GEM gradient projection for PyTorch.
+
+    import agem_fast
+    res = agem_fast.project_(model.parameters(), ref_grad)
+
+See README.md for the semantics, backends and the Avalanche plugin.
+"""
+
+from ._api import Projection, project_
+from ._info import backend_info
+from ._reference import ReferenceGradient
+
+__version__ = "0.1.0"
+
+__all__ = ["project_", "Projection", "ReferenceGradient", "backend_info", "__version__"]

@@ -1,0 +1,70 @@
+"""Public entry point `project_` and the per-device backend choice."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, NamedTuple
+
+import torch
+
+from . import _torch_backend
+from ._plan import make_plan
+
+
+class Projection(NamedTuple):
+    """Result of one projection: 0-dim tensors on the gradients' device.
+
+    dot, ref_sq_norm and coef are float64; projected is bool. Nothing is read back
+    to the host: `bool(res.projected)` is the caller's choice to sync.
+    """
+
+    dot: torch.Tensor
+    ref_sq_norm: torch.Tensor
+    coef: torch.Tensor
+    projected: torch.Tensor
+
+
+def _forced_backend() -> str:
+    value = os.environ.get("AGEM_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if value not in ("auto", "torch", "extension"):
+        raise ValueError(f"AGEM_FAST_BACKEND must be 'auto', 'torch' or 'extension', got {value!r}")
+    return value
+
+
+def backend_for(device: torch.device) -> str:
+    """Name of the backend a call on `device` uses: 'cuda', 'cpu' or 'torch'."""
+    from . import _extension
+
+    forced = _forced_backend()
+    if forced == "torch":
+        return "torch"
+    if device.type in ("cpu", "cuda") and _extension.supports(device.type):
+        return device.type
+    if forced == "extension":
+        raise RuntimeError(
+            f"AGEM_FAST_BACKEND=extension but the extension has no kernels for {device.type}: "
+            f"{_extension.status()}"
+        )
+    return "torch"
+
+
+@torch.no_grad()
+def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, group=None) -> Projection:
+    """A-GEM projection of every `p.grad` in place against the reference gradient.
+
+    dot  = sum_i <g_i, r_i>,  rr = sum_i <r_i, r_i>  (reference-only entries included)
+    coef = dot / (rr + eps) if dot < 0 and rr + eps > 0 else 0;  g_i -= coef * r_i
+
+    `ref_grad` is a sequence aligned with `params` (tensors or None), a 1-D tensor in
+    Avalanche's flat layout, or a `ReferenceGradient`. Returns a `Projection` of 0-dim
+    device tensors; no host sync. Raises ValueError/TypeError, naming the parameter
+    index, before any gradient is written.
+    """
+    if group is not None:
+        raise NotImplementedError("sharded projection (group=...) is not implemented yet")
+    plan = make_plan(params, ref_grad, eps)
+    if backend_for(plan.device) == "torch":
+        return _torch_backend.project(plan)
+    from . import _extension
+
+    return _extension.project(plan)

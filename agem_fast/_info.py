@@ -1,0 +1,1 @@
+def backend_info(): return {}

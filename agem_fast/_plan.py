@@ -1,0 +1,138 @@
+"""Validation of `project_` arguments and their normalisation into a `Plan`.
+
+Everything a backend needs is checked here, before any gradient is written, so a
+call that raises leaves every gradient exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Plan:
+    """The normalised problem: aligned (grad, ref) pairs and reference-only tensors.
+
+    `refs[k]` has the shape of `grads[k]`; `ref_only` tensors count in ||r||^2 only.
+    """
+
+    device: torch.device
+    eps: float
+    grads: List[torch.Tensor] = field(default_factory=list)
+    refs: List[torch.Tensor] = field(default_factory=list)
+    ref_only: List[torch.Tensor] = field(default_factory=list)
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def _check_tensor(t: torch.Tensor, what: str) -> None:
+    if t.layout != torch.strided:
+        raise ValueError(f"{what} is sparse ({t.layout}); only dense (strided) tensors are supported")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{what} has unsupported dtype {t.dtype}; supported: float16, bfloat16, float32, float64"
+        )
+
+
+def _refs_from_flat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Split an Avalanche-layout flat vector into per-parameter views (no copy)."""
+    if flat.dim() != 1:
+        raise ValueError(
+            f"ref_grad tensor must be 1-D (Avalanche's flat layout), got shape {tuple(flat.shape)}"
+        )
+    total = sum(p.numel() for p in params)
+    if flat.numel() != total:
+        raise ValueError(
+            f"flat ref_grad has {flat.numel()} elements but the parameters have {total} in total"
+        )
+    views, offset = [], 0
+    for p in params:
+        n = p.numel()
+        views.append(flat.narrow(0, offset, n))
+        offset += n
+    return views
+
+
+def make_plan(params, ref_grad, eps) -> Plan:
+    """Validate everything and build the Plan. Raises before touching any gradient."""
+    from ._reference import ReferenceGradient  # local: avoids an import cycle
+
+    eps = _check_eps(eps)
+    if isinstance(params, torch.Tensor):
+        params = [params]  # a lone tensor is one parameter, not an iterable of rows
+    params = list(params)
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
+
+    if isinstance(ref_grad, ReferenceGradient):
+        refs: List[Optional[torch.Tensor]] = ref_grad.as_list()
+        if len(refs) != len(params):
+            raise ValueError(
+                f"ReferenceGradient holds {len(refs)} tensors but {len(params)} params were given"
+            )
+    elif isinstance(ref_grad, torch.Tensor):
+        _check_tensor(ref_grad, "ref_grad")
+        refs = _refs_from_flat(ref_grad, params)
+    elif isinstance(ref_grad, (list, tuple)):
+        refs = list(ref_grad)
+        if len(refs) != len(params):
+            raise ValueError(f"ref_grad has {len(refs)} entries but {len(params)} params were given")
+    else:
+        raise TypeError(
+            "ref_grad must be a sequence of tensors/None aligned with params, a 1-D flat tensor, "
+            f"or an agem_fast.ReferenceGradient; got {type(ref_grad).__name__}"
+        )
+
+    device: Optional[torch.device] = None
+    plan_grads, plan_refs, ref_only = [], [], []
+    for i, (p, r) in enumerate(zip(params, refs)):
+        g = p.grad
+        if g is not None:
+            _check_tensor(g, f"params[{i}].grad")
+            if device is None:
+                device = g.device
+            elif g.device != device:
+                raise ValueError(f"params[{i}].grad is on {g.device}, other gradients are on {device}")
+        if r is None:
+            continue
+        if not isinstance(r, torch.Tensor):
+            raise TypeError(f"ref_grad[{i}] is a {type(r).__name__}, expected a torch.Tensor or None")
+        _check_tensor(r, f"ref_grad[{i}]")
+        if r.numel() != p.numel():
+            raise ValueError(
+                f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {p.numel()}"
+            )
+        if device is None:
+            device = r.device
+        elif r.device != device:
+            raise ValueError(f"ref_grad[{i}] is on {r.device}, the gradients are on {device}")
+        if g is None:
+            ref_only.append(r)
+            continue
+        if r.dtype != g.dtype:
+            raise TypeError(
+                f"ref_grad[{i}] has dtype {r.dtype} but params[{i}].grad has {g.dtype}; "
+                "a gradient and its reference must share a dtype"
+            )
+        if r.shape != g.shape:
+            r = r.reshape(g.shape)  # a view whenever the layout allows, else a copy
+        plan_grads.append(g)
+        plan_refs.append(r)
+
+    if device is None:
+        device = params[0].device if params else torch.device("cpu")
+    return Plan(device=device, eps=eps, grads=plan_grads, refs=plan_refs, ref_only=ref_only)

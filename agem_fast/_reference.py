@@ -1,0 +1,99 @@
+"""ReferenceGradient: preallocated storage for the A-GEM reference gradient."""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+import torch
+
+from ._plan import SUPPORTED_DTYPES
+
+
+class ReferenceGradient:
+    """Holds one reference tensor per parameter, allocated once.
+
+    Each slot has its parameter's shape, dtype, device and memory layout
+    (contiguous, channels_last, ...), so the kernels see a gradient and its reference
+    as two flat buffers. When every parameter shares dtype and device, all slots live
+    in one buffer; `flat` is that buffer when it is also in Avalanche's layout
+    (every slot row-major contiguous), else None.
+
+    `capture_(params)` copies the current gradients in; a None grad marks the slot
+    absent (it then takes no part in the projection, as Avalanche's zeros would not).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]):
+        params = list(params)
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"params[{i}] has unsupported dtype {p.dtype}")
+        self._shapes = [tuple(p.shape) for p in params]
+        self._slots: List[torch.Tensor] = []
+        self._present: List[bool] = [False] * len(params)
+        self._buffer: Optional[torch.Tensor] = None
+
+        uniform = len({(p.dtype, p.device) for p in params}) == 1
+        if not uniform:
+            self._slots = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+            return
+        total = sum(p.numel() for p in params)
+        self._buffer = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
+        offset = 0
+        for p in params:
+            self._slots.append(self._buffer.as_strided(p.shape, _dense_strides_like(p), offset))
+            offset += p.numel()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def present(self) -> List[bool]:
+        """Which slots hold a captured gradient (a copy of the host-side mask)."""
+        return list(self._present)
+
+    def as_list(self) -> List[Optional[torch.Tensor]]:
+        """Per-parameter reference tensors, None where the captured grad was None."""
+        return [s if ok else None for s, ok in zip(self._slots, self._present)]
+
+    @property
+    def flat(self) -> Optional[torch.Tensor]:
+        """The single 1-D buffer in Avalanche's layout, or None when there is none."""
+        if self._buffer is None or not all(s.is_contiguous() for s in self._slots):
+            return None
+        return self._buffer
+
+    @torch.no_grad()
+    def capture_(self, params: Iterable[torch.Tensor]) -> "ReferenceGradient":
+        """Copy each `p.grad` into its slot (None grads mark the slot absent)."""
+        params = list(params)
+        if len(params) != len(self._slots):
+            raise ValueError(
+                f"ReferenceGradient was built for {len(self._slots)} params, got {len(params)}"
+            )
+        grads = []
+        for i, (p, slot) in enumerate(zip(params, self._slots)):
+            g = p.grad
+            if g is not None:
+                if g.layout != torch.strided:
+                    raise ValueError(f"params[{i}].grad is sparse ({g.layout})")
+                if tuple(g.shape) != self._shapes[i]:
+                    raise ValueError(
+                        f"params[{i}].grad has shape {tuple(g.shape)}, expected {self._shapes[i]}"
+                    )
+                if g.device != slot.device:
+                    raise ValueError(f"params[{i}].grad is on {g.device}, the reference on {slot.device}")
+            grads.append(g)
+        for i, (g, slot) in enumerate(zip(grads, self._slots)):
+            if g is not None:
+                slot.copy_(g)
+            self._present[i] = g is not None
+        return self
+
+
+def _dense_strides_like(p: torch.Tensor):
+    """Strides of a dense tensor with p's dimension order (preserve_format rules)."""
+    if p.is_contiguous() or p.dim() == 0:
+        return torch.empty(p.shape, device="meta").stride()
+    return torch.empty_like(p, device="meta", memory_format=torch.preserve_format).stride()

@@ -1,0 +1,40 @@
+"""Packaging. Pure Python by default: the extension is JIT-built at first use.
+
+`AGEM_FAST_BUILD_EXT=1 pip install --no-build-isolation .` compiles it now instead,
+as the module `agem_fast._C` (CUDA kernels included when torch is a CUDA build and a
+CUDA toolkit is found).
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class build_py_with_sources(build_py):
+    """Ship csrc/ inside the package so a non-editable install can JIT-build too."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "agem_fast" / "csrc"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(ROOT / "csrc", target)
+
+
+cmdclass = {"build_py": build_py_with_sources}
+ext_modules = []
+if os.environ.get("AGEM_FAST_BUILD_EXT") == "1":
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from agem_fast._build import extension_for_setup  # needs torch in the build env
+
+    ext, build_ext = extension_for_setup(ROOT / "csrc")
+    ext_modules.append(ext)
+    cmdclass["build_ext"] = build_ext
+
+setup(cmdclass=cmdclass, ext_modules=ext_modules)
