@@ -1,3 +1,135 @@
-"""Placeholder until the extension lands."""
-def supports(device_type): return False
-def status(): return {"status": "not built", "error": None}
+"""The C++/CUDA backend: loading (prebuilt or JIT), its status, and dispatch to the op."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+from ._plan import Plan
+from ._torch_backend import dense_flat, same_dense_layout
+
+_lock = threading.Lock()
+_state = {
+    "attempted": False,
+    "module": None,
+    "status": "not loaded",   # not loaded | loaded | failed | disabled
+    "source": None,           # "prebuilt" (agem_fast._C) or "jit"
+    "cuda": False,
+    "error": None,
+}
+
+
+def _strict() -> bool:
+    return os.environ.get("AGEM_FAST_STRICT", "0") == "1"
+
+
+def load(force: bool = False):
+    """Load the extension once per process; on failure warn once (or raise if strict)."""
+    if _state["attempted"] and not force:
+        return _state["module"]
+    with _lock:
+        if _state["attempted"] and not force:
+            return _state["module"]
+        _state.update(attempted=True, module=None, error=None)
+        if os.environ.get("AGEM_FAST_BACKEND", "").strip().lower() == "torch":
+            _state["status"] = "disabled"
+            _state["error"] = "AGEM_FAST_BACKEND=torch"
+            return None
+        try:
+            module, source = _import_or_build()
+        except Exception as exc:  # a compiler error, a missing toolkit, ...
+            _state["status"] = "failed"
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+            if _strict():
+                raise RuntimeError(
+                    "agem_fast: the C++/CUDA extension could not be built "
+                    "(AGEM_FAST_STRICT=1)") from exc
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            warnings.warn(
+                f"agem_fast: the C++/CUDA extension could not be built ({first_line}); using the "
+                "pure-PyTorch backend. `python -m agem_fast info` shows the full reason.",
+                RuntimeWarning, stacklevel=3)
+            return None
+        info = module.build_info()
+        _state.update(module=module, status="loaded", source=source, cuda=bool(info["cuda"]))
+        _register_fake()
+        return module
+
+
+def _import_or_build():
+    if os.environ.get("AGEM_FAST_JIT", "0") != "1":
+        try:
+            from . import _C  # built by `AGEM_FAST_BUILD_EXT=1 pip install .`
+
+            return _C, "prebuilt"
+        except ImportError:
+            pass
+    from . import _build
+
+    return _build.jit_load(), "jit"
+
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """Shape/device-only implementation, so torch.compile can trace through the op."""
+    global _fake_registered
+    if _fake_registered:
+        return
+
+    @torch.library.register_fake("agem_fast::project_")
+    def _(grads, refs, ref_only, eps):
+        device = grads[0].device if grads else ref_only[0].device
+        f64 = dict(dtype=torch.float64, device=device)
+        return (torch.empty((), **f64), torch.empty((), **f64), torch.empty((), **f64),
+                torch.empty((), dtype=torch.bool, device=device))
+
+    _fake_registered = True
+
+
+def supports(device_type: str) -> bool:
+    module = load()
+    if module is None:
+        return False
+    return device_type == "cpu" or (device_type == "cuda" and _state["cuda"])
+
+
+def status() -> dict:
+    """Build/load state without triggering a build."""
+    return {k: v for k, v in _state.items() if k not in ("module", "attempted")}
+
+
+def project(plan: Plan):
+    """Run the fused op. Pairs the kernels cannot walk as flat memory are staged."""
+    from ._api import Projection
+
+    grads, refs, copy_back = [], [], []
+    for g, r in zip(plan.grads, plan.refs):
+        if not same_dense_layout(g, r):
+            if dense_flat(g) is None:  # g itself has gaps or overlaps: work on a dense copy
+                staged = g.contiguous()
+                copy_back.append((g, staged))
+                g = staged
+            r = torch.empty_like(g).copy_(r)  # r in g's memory order
+        grads.append(g)
+        refs.append(r)
+    ref_only = [r if dense_flat(r) is not None else r.contiguous() for r in plan.ref_only]
+
+    if not grads and not ref_only:
+        zero = torch.zeros((), dtype=torch.float64, device=plan.device)
+        return Projection(zero, zero.clone(), zero.clone(),
+                          torch.zeros((), dtype=torch.bool, device=plan.device))
+    dot, rr, coef, projected = torch.ops.agem_fast.project_(grads, refs, ref_only, plan.eps)
+    for g, staged in copy_back:
+        g.copy_(staged)
+    return Projection(dot, rr, coef, projected)
+
+
+def build_info() -> Optional[dict]:
+    module = _state["module"]
+    return dict(module.build_info()) if module is not None else None

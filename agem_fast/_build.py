@@ -1,0 +1,177 @@
+"""Finding the toolchain and compiling the extension (JIT with ninja, or via setup.py)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# Used when no GPU is visible (e.g. a CI machine): torch would otherwise crash trying to
+# guess the architecture. +PTX lets newer GPUs JIT-compile the sm_90 code.
+DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
+
+CPU_SOURCES = ["agem_ops.cpp", "cpu/agem_cpu.cpp"]
+CUDA_SOURCES = ["cuda/agem_cuda.cu"]
+
+CXX_FLAGS = ["-O3", "-fopenmp"]  # torch adds its own -std (C++20 for torch 2.14)
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+
+def csrc_dir() -> Path:
+    """The C++/CUDA sources: shipped inside the package, or the repository's csrc/."""
+    override = os.environ.get("AGEM_FAST_CSRC")
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "agem_table.h").is_file():
+            return candidate
+    raise FileNotFoundError(f"agem_fast: C++ sources not found next to {here}")
+
+
+def _is_toolkit(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda.h"))
+
+
+def find_cuda_home() -> Optional[str]:
+    """Root of a CUDA toolkit (holding bin/nvcc and include/cuda.h), or None.
+
+    torch guesses dirname(dirname(which nvcc)), which is wrong when the `nvcc` on PATH is
+    a wrapper script outside the toolkit; such a script is read for the real nvcc path.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if _is_toolkit(candidate):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        parent = os.path.dirname(os.path.dirname(real))
+        if _is_toolkit(parent):
+            return parent
+        try:
+            with open(real, "rb") as f:
+                head = f.read(1 << 16)
+        except OSError:
+            head = b"\0"
+        if b"\0" not in head:  # a script, not the nvcc binary
+            for match in re.finditer(r"(/[^\s'\"`;:$()]+)/bin/nvcc", head.decode(errors="ignore")):
+                if _is_toolkit(match.group(1)):
+                    return match.group(1)
+    for candidate in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if _is_toolkit(candidate):
+            return candidate
+    return None
+
+
+def want_cuda() -> tuple[bool, str]:
+    """Whether to compile the CUDA kernels, and why not when not."""
+    if os.environ.get("AGEM_FAST_CUDA", "1") == "0":
+        return False, "disabled by AGEM_FAST_CUDA=0"
+    if torch.version.cuda is None:
+        return False, "torch is not a CUDA build"
+    if find_cuda_home() is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    return True, ""
+
+
+@contextmanager
+def build_environment(with_cuda: bool):
+    """CUDA_HOME, TORCH_CUDA_ARCH_LIST and ninja on PATH, restored afterwards."""
+    saved_env = dict(os.environ)
+    home = find_cuda_home()
+    if home:  # before torch.utils.cpp_extension is first imported: it guesses at import
+        os.environ["CUDA_HOME"] = home
+    from torch.utils import cpp_extension
+
+    saved_home = cpp_extension.CUDA_HOME
+    try:
+        try:
+            import ninja  # the pip package ships the binary; the venv may not be on PATH
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+        if with_cuda:
+            cpp_extension.CUDA_HOME = home  # read by torch when it locates nvcc
+            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        cpp_extension.CUDA_HOME = saved_home
+
+
+def _sources(with_cuda: bool):
+    root = csrc_dir()
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+    return [str(root / n) for n in names]
+
+
+def jit_name(with_cuda: bool) -> str:
+    return "agem_fast_ext_cuda" if with_cuda else "agem_fast_ext"
+
+
+def is_cached(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return bool(glob.glob(os.path.join(_get_build_directory(name, verbose=False), "*.so")))
+    except Exception:
+        return False
+
+
+def jit_load(verbose: bool = False):
+    """Compile (first use only; cached in TORCH_EXTENSIONS_DIR) and import the extension."""
+    from torch.utils import cpp_extension
+
+    with_cuda, _ = want_cuda()
+    name = jit_name(with_cuda)
+    sources = _sources(with_cuda)
+    if not is_cached(name):
+        what = "C++ and CUDA" if with_cuda else "C++"
+        how_long = "several minutes" if with_cuda else "about a minute"
+        print(f"agem_fast: compiling the {what} extension (first use only, {how_long})...",
+              file=sys.stderr, flush=True)
+    with build_environment(with_cuda):
+        return cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=CXX_FLAGS + (["-DAGEM_FAST_WITH_CUDA"] if with_cuda else []),
+            extra_cuda_cflags=NVCC_FLAGS + ["-DAGEM_FAST_WITH_CUDA"],
+            extra_ldflags=["-fopenmp"],
+            with_cuda=with_cuda,
+            verbose=verbose,
+        )
+
+
+def extension_for_setup(root: Path):
+    """(Extension, BuildExtension) for setup.py: the module agem_fast._C."""
+    from torch.utils import cpp_extension
+
+    with_cuda, _ = want_cuda()
+    sources = [str((root / n).relative_to(root.parent)) for n in
+               CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    cxx = CXX_FLAGS + (["-DAGEM_FAST_WITH_CUDA"] if with_cuda else [])
+    if with_cuda:
+        home = find_cuda_home()
+        os.environ["CUDA_HOME"] = home
+        cpp_extension.CUDA_HOME = home
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        ext = cpp_extension.CUDAExtension(
+            "agem_fast._C", sources, extra_compile_args={
+                "cxx": cxx, "nvcc": NVCC_FLAGS + ["-DAGEM_FAST_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension("agem_fast._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
+    return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)

@@ -1,0 +1,114 @@
+// The agem_fast torch.library op, table planning, and the Python module's build info.
+#include "agem_ops.h"
+
+#include <torch/library.h>
+
+#include <string>
+
+namespace agem_fast {
+
+namespace {
+
+int32_t dtype_code(const at::Tensor& t, const char* what, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return kHalf;
+    case at::kBFloat16: return kBFloat16;
+    case at::kFloat: return kFloat;
+    case at::kDouble: return kDouble;
+    default:
+      TORCH_CHECK_TYPE(false, "agem_fast: ", what, "[", i, "] has unsupported dtype ",
+                       t.scalar_type(), "; supported: float16, bfloat16, float32, float64");
+  }
+  return -1;
+}
+
+void check_dense(const at::Tensor& t, const char* what, size_t i) {
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "agem_fast: ", what, "[", i, "] is not dense");
+  TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), "agem_fast: ", what, "[", i,
+                    "] must be non-overlapping and dense (the Python wrapper stages other layouts)");
+}
+
+}  // namespace
+
+at::Device op_device(at::TensorList grads, at::TensorList ref_only) {
+  if (!grads.empty()) return grads[0].device();
+  TORCH_CHECK_VALUE(!ref_only.empty(), "agem_fast: project_ needs at least one tensor");
+  return ref_only[0].device();
+}
+
+Table build_table(at::TensorList grads, at::TensorList refs, at::TensorList ref_only) {
+  TORCH_CHECK_VALUE(grads.size() == refs.size(), "agem_fast: ", grads.size(), " grads but ",
+                    refs.size(), " refs");
+  const at::Device device = op_device(grads, ref_only);
+  Table table;
+  table.entries.reserve(grads.size() + ref_only.size());
+  int64_t chunk = 0;
+  auto add = [&](void* g, const at::Tensor& r, int32_t code) {
+    if (r.numel() == 0) return;
+    table.entries.push_back({g, r.data_ptr(), r.numel(), chunk, code, 0});
+    chunk += chunks_for(r.numel());
+  };
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor& r = refs[i];
+    TORCH_CHECK_VALUE(g.device() == device && r.device() == device, "agem_fast: pair ", i,
+                      " is not on ", device);
+    check_dense(g, "grads", i);
+    check_dense(r, "refs", i);
+    TORCH_CHECK_VALUE(g.sizes() == r.sizes(), "agem_fast: grads[", i, "] has shape ", g.sizes(),
+                      " but refs[", i, "] has ", r.sizes());
+    for (int64_t d = 0; d < g.dim(); ++d) {
+      // Strides of size-1 dimensions never matter for the element order.
+      TORCH_CHECK_VALUE(g.size(d) == 1 || g.stride(d) == r.stride(d), "agem_fast: grads[", i,
+                        "] and refs[", i, "] have different strides (memory orders)");
+    }
+    const int32_t code = dtype_code(g, "grads", i);
+    TORCH_CHECK_TYPE(r.scalar_type() == g.scalar_type(), "agem_fast: refs[", i, "] is ",
+                     r.scalar_type(), " but grads[", i, "] is ", g.scalar_type());
+    add(g.data_ptr(), r, code);
+  }
+  table.pair_chunks = chunk;
+  for (size_t i = 0; i < ref_only.size(); ++i) {
+    const at::Tensor& r = ref_only[i];
+    TORCH_CHECK_VALUE(r.device() == device, "agem_fast: ref_only[", i, "] is not on ", device);
+    check_dense(r, "ref_only", i);
+    add(nullptr, r, dtype_code(r, "ref_only", i));
+  }
+  table.total_chunks = chunk;
+  return table;
+}
+
+}  // namespace agem_fast
+
+TORCH_LIBRARY(agem_fast, m) {
+  m.def(
+      "project_(Tensor(a!)[] grads, Tensor[] refs, Tensor[] ref_only, float eps) -> "
+      "(Tensor dot, Tensor ref_sq_norm, Tensor coef, Tensor projected)");
+}
+
+TORCH_LIBRARY_IMPL(agem_fast, CPU, m) {
+  m.impl("project_", &agem_fast::project_cpu);
+}
+
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "agem_fast C++/CUDA kernels (ops live in torch.ops.agem_fast)";
+  m.def("build_info", []() {
+    pybind11::dict info;
+#ifdef AGEM_FAST_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    info["chunk_elems"] = agem_fast::kChunkElems;
+    return info;
+  });
+}
+#endif

@@ -1,0 +1,123 @@
+// CPU kernels: the same table and chunks as the CUDA path, parallel over chunks.
+//
+// Pass 1 writes one (dot, rr) partial per chunk; the partials are then summed in chunk
+// order in fp64, so the result is bitwise identical for any number of threads.
+// Pass 2 runs only when the decision is to project.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <vector>
+
+#include "../agem_ops.h"
+
+namespace agem_fast {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// Independent lanes let the compiler vectorise the sum without reassociating it,
+// and keep each fp32 running sum short (kChunkElems / kLanes terms).
+constexpr int kLanes = 16;
+
+// kHasG = false for reference-only entries (rr only); a template so the hot loop has no branch.
+template <typename T, bool kHasG>
+void chunk_sums(const T* g, const T* r, int64_t n, double* dot_out, double* rr_out) {
+  using A = typename Acc<T>::type;
+  A dot[kLanes] = {}, rr[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      A rv = static_cast<A>(r[i + l]);
+      if (kHasG) dot[l] += static_cast<A>(g[i + l]) * rv;
+      rr[l] += rv * rv;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    A rv = static_cast<A>(r[i]);
+    if (kHasG) dot[l] += static_cast<A>(g[i]) * rv;
+    rr[l] += rv * rv;
+  }
+  A dot_sum = 0, rr_sum = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    dot_sum += dot[l];
+    rr_sum += rr[l];
+  }
+  *dot_out = static_cast<double>(dot_sum);
+  *rr_out = static_cast<double>(rr_sum);
+}
+
+template <typename T>
+void chunk_update(T* g, const T* r, int64_t n, double coef) {
+  using A = typename Acc<T>::type;
+  const A c = static_cast<A>(coef);
+  for (int64_t i = 0; i < n; ++i) {
+    g[i] = static_cast<T>(static_cast<A>(g[i]) - c * static_cast<A>(r[i]));
+  }
+}
+
+template <typename Fn>
+void dispatch_dtype(int32_t code, Fn&& fn) {
+  switch (code) {
+    case kHalf: fn(c10::Half{}); break;
+    case kBFloat16: fn(c10::BFloat16{}); break;
+    case kFloat: fn(float{}); break;
+    default: fn(double{}); break;
+  }
+}
+
+}  // namespace
+
+ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
+                          double eps) {
+  const Table table = build_table(grads, refs, ref_only);
+  const TensorEntry* entries = table.entries.data();
+  const int64_t n_entries = static_cast<int64_t>(table.entries.size());
+
+  std::vector<double> partial(2 * table.total_chunks);
+  at::parallel_for(0, table.total_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const TensorEntry& e = entries[find_entry(entries, n_entries, c)];
+      const ChunkRange cr = chunk_range(e, c);
+      dispatch_dtype(e.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        const T* r = static_cast<const T*>(e.r) + cr.begin;
+        double* out = &partial[2 * c];
+        if (e.g) {
+          chunk_sums<T, true>(static_cast<const T*>(e.g) + cr.begin, r, cr.end - cr.begin, out, out + 1);
+        } else {
+          chunk_sums<T, false>(nullptr, r, cr.end - cr.begin, out, out + 1);
+        }
+      });
+    }
+  });
+
+  double dot = 0.0, rr = 0.0;
+  for (int64_t c = 0; c < table.total_chunks; ++c) {
+    dot += partial[2 * c];
+    rr += partial[2 * c + 1];
+  }
+  double coef = 0.0;
+  const bool projected = decide(dot, rr, eps, &coef);
+
+  if (projected) {
+    at::parallel_for(0, table.pair_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const TensorEntry& e = entries[find_entry(entries, n_entries, c)];
+        const ChunkRange cr = chunk_range(e, c);
+        dispatch_dtype(e.dtype, [&](auto tag) {
+          using T = decltype(tag);
+          chunk_update<T>(static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
+                          cr.end - cr.begin, coef);
+        });
+      }
+    });
+  }
+
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  return {at::scalar_tensor(dot, f64), at::scalar_tensor(rr, f64), at::scalar_tensor(coef, f64),
+          at::scalar_tensor(projected, at::TensorOptions().dtype(at::kBool))};
+}
+
+}  // namespace agem_fast

@@ -1,0 +1,322 @@
+// CUDA kernels: two launches per projection for any number of tensors.
+//
+// Pass 1 (reduce_kernel): every block walks chunks of the tensor table and writes one
+// (dot, rr) partial per chunk. The last block to finish (atomic ticket) sums the
+// partials in a fixed order by chunk index, in fp64, and writes dot, rr, coef and the
+// `projected` flag to device memory. No float atomics, so results are bitwise
+// reproducible whatever the grid size.
+// Pass 2 (update_kernel): reads the flag and returns at once when nothing projects;
+// otherwise updates every gradient in place, g <- g - coef * r.
+//
+// Both passes use 16-byte vector accesses where g and r are aligned alike, scalar
+// accesses for the head/tail (or the whole chunk when their alignments differ), and
+// 64-bit element indices. Nothing is read back to the host, and the only host-to-device
+// copy is of the tensor table from pinned memory, so a projection can be captured in a
+// CUDA graph.
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a
+// minimal CUDA toolkit may not have.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "../agem_ops.h"
+
+namespace agem_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlocksPerSM = 8;  // resident blocks per SM the grid aims for
+
+template <typename T> struct Num;
+template <> struct Num<__half> {
+  using Acc = float;
+  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+template <> struct Num<__nv_bfloat16> {
+  using Acc = float;
+  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+template <> struct Num<float> {
+  using Acc = float;
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+template <> struct Num<double> {
+  using Acc = double;
+  static __device__ __forceinline__ double load(double x) { return x; }
+  static __device__ __forceinline__ double store(double x) { return x; }
+};
+
+// 16 bytes of T: the unit of every vector load and store.
+template <typename T>
+struct alignas(16) Vec {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
+};
+
+// How a chunk of n elements splits into a scalar head, 16-byte vectors and a scalar
+// tail. Vectors are used only when g (if any) and r share their offset modulo 16 bytes.
+struct Split {
+  int64_t head;  // scalar elements before the first aligned vector
+  int64_t nvec;  // number of 16-byte vectors after the head
+};
+
+template <typename T>
+__device__ __forceinline__ Split split_chunk(const void* g, const void* r, int64_t n) {
+  constexpr int kN = Vec<T>::kN;
+  const int64_t mis_r = (reinterpret_cast<uintptr_t>(r) % 16) / sizeof(T);
+  if (g != nullptr && (reinterpret_cast<uintptr_t>(g) % 16) / sizeof(T) != mis_r) {
+    return {n, 0};  // alignments differ: all scalar
+  }
+  int64_t head = mis_r == 0 ? 0 : kN - mis_r;
+  if (head > n) head = n;
+  return {head, (n - head) / kN};
+}
+
+// Sums a and b over the block; the totals land in thread 0. Fixed shuffle tree.
+template <typename A>
+__device__ __forceinline__ void block_sum2(A& a, A& b) {
+  __shared__ A sa[kWarps];
+  __shared__ A sb[kWarps];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sa[warp] = a;
+    sb[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kWarps ? sa[lane] : A(0);
+    b = lane < kWarps ? sb[lane] : A(0);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      a += __shfl_down_sync(0xffffffffu, a, off);
+      b += __shfl_down_sync(0xffffffffu, b, off);
+    }
+  }
+  __syncthreads();  // sa/sb are reused by the next call
+}
+
+// <g, r> and <r, r> over one chunk, block-reduced into thread 0 (as doubles).
+// g == nullptr: a reference-only entry, only <r, r>.
+template <typename T>
+__device__ void chunk_sums(const T* g, const T* r, int64_t n, double* dot_out, double* rr_out) {
+  using A = typename Num<T>::Acc;
+  constexpr int kN = Vec<T>::kN;
+  A dot = 0, rr = 0;
+  const Split s = split_chunk<T>(g, r, n);
+  auto scalar = [&](int64_t i) {
+    const A rv = Num<T>::load(r[i]);
+    if (g != nullptr) dot += Num<T>::load(g[i]) * rv;
+    rr += rv * rv;
+  };
+  for (int64_t i = threadIdx.x; i < s.head; i += kThreads) scalar(i);
+  const Vec<T>* rv = reinterpret_cast<const Vec<T>*>(r + s.head);
+  if (g != nullptr) {
+    const Vec<T>* gv = reinterpret_cast<const Vec<T>*>(g + s.head);
+#pragma unroll 4
+    for (int64_t v = threadIdx.x; v < s.nvec; v += kThreads) {
+      const Vec<T> gx = gv[v], rx = rv[v];
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        const A b = Num<T>::load(rx.v[k]);
+        dot += Num<T>::load(gx.v[k]) * b;
+        rr += b * b;
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int64_t v = threadIdx.x; v < s.nvec; v += kThreads) {
+      const Vec<T> rx = rv[v];
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        const A b = Num<T>::load(rx.v[k]);
+        rr += b * b;
+      }
+    }
+  }
+  for (int64_t i = s.head + s.nvec * kN + threadIdx.x; i < n; i += kThreads) scalar(i);
+  block_sum2<A>(dot, rr);
+  if (threadIdx.x == 0) {
+    *dot_out = static_cast<double>(dot);
+    *rr_out = static_cast<double>(rr);
+  }
+}
+
+template <typename T>
+__device__ void chunk_update(T* g, const T* r, int64_t n, double coef_d) {
+  using A = typename Num<T>::Acc;
+  constexpr int kN = Vec<T>::kN;
+  const A coef = static_cast<A>(coef_d);
+  const Split s = split_chunk<T>(g, r, n);
+  auto scalar = [&](int64_t i) {
+    g[i] = Num<T>::store(Num<T>::load(g[i]) - coef * Num<T>::load(r[i]));
+  };
+  for (int64_t i = threadIdx.x; i < s.head; i += kThreads) scalar(i);
+  Vec<T>* gv = reinterpret_cast<Vec<T>*>(g + s.head);
+  const Vec<T>* rv = reinterpret_cast<const Vec<T>*>(r + s.head);
+#pragma unroll 4
+  for (int64_t v = threadIdx.x; v < s.nvec; v += kThreads) {
+    Vec<T> gx = gv[v];
+    const Vec<T> rx = rv[v];
+#pragma unroll
+    for (int k = 0; k < kN; ++k) {
+      gx.v[k] = Num<T>::store(Num<T>::load(gx.v[k]) - coef * Num<T>::load(rx.v[k]));
+    }
+    gv[v] = gx;
+  }
+  for (int64_t i = s.head + s.nvec * kN + threadIdx.x; i < n; i += kThreads) scalar(i);
+}
+
+template <typename Fn>
+__device__ __forceinline__ void dispatch_dtype(int32_t code, Fn&& fn) {
+  switch (code) {  // uniform across the block: one entry per chunk
+    case kHalf: fn(__half{}); break;
+    case kBFloat16: fn(__nv_bfloat16{}); break;
+    case kFloat: fn(float{}); break;
+    default: fn(double{}); break;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+reduce_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_chunks,
+              double2* __restrict__ partials, unsigned int* ticket, double* out, bool* flag,
+              double eps) {
+  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+    const TensorEntry e = table[find_entry(table, n_entries, c)];
+    const ChunkRange cr = chunk_range(e, c);
+    double dot = 0.0, rr = 0.0;
+    dispatch_dtype(e.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const T* g = e.g != nullptr ? static_cast<const T*>(e.g) + cr.begin : nullptr;
+      chunk_sums<T>(g, static_cast<const T*>(e.r) + cr.begin, cr.end - cr.begin, &dot, &rr);
+    });
+    if (threadIdx.x == 0) partials[c] = make_double2(dot, rr);
+  }
+
+  // Last block in: every other block's partials are visible once its ticket is taken.
+  __shared__ bool is_last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  double dot = 0.0, rr = 0.0;
+  for (int64_t c = threadIdx.x; c < n_chunks; c += kThreads) {
+    const double2 p = __ldcg(&partials[c]);  // L2, never a stale L1 line
+    dot += p.x;
+    rr += p.y;
+  }
+  block_sum2<double>(dot, rr);
+  if (threadIdx.x == 0) {
+    double coef;
+    *flag = decide(dot, rr, eps, &coef);
+    out[0] = dot;
+    out[1] = rr;
+    out[2] = coef;
+    *ticket = 0u;  // ready for reuse of this workspace
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+update_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_pair_chunks,
+              const double* coef, const bool* flag) {
+  if (!*flag) return;  // not projecting: nothing more is read or written
+  const double c_d = *coef;
+  for (int64_t c = blockIdx.x; c < n_pair_chunks; c += gridDim.x) {
+    const TensorEntry e = table[find_entry(table, n_entries, c)];
+    const ChunkRange cr = chunk_range(e, c);
+    dispatch_dtype(e.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      chunk_update<T>(static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
+                      cr.end - cr.begin, c_d);
+    });
+  }
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+int64_t grid_for(int64_t chunks, int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t(sms) * kBlocksPerSM));
+}
+
+// Pinned tables copied during graph capture must outlive the graph (its memcpy node
+// re-reads them at every replay), so they are kept for the life of the process.
+std::mutex captured_mutex;
+std::vector<at::Tensor> captured_tables;
+
+}  // namespace
+
+ProjectResult project_cuda(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
+                           double eps) {
+  const Table table = build_table(grads, refs, ref_only);
+  const at::Device device = op_device(grads, ref_only);
+  const c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+
+  // Workspace: [table | ticket | per-chunk partials]. Table and zeroed ticket go up in
+  // one copy from pinned memory; the partials are written by pass 1 before being read.
+  const int64_t n_entries = static_cast<int64_t>(table.entries.size());
+  const int64_t table_bytes = n_entries * static_cast<int64_t>(sizeof(TensorEntry));
+  const int64_t ticket_off = round_up(table_bytes, 16);
+  const int64_t partials_off = ticket_off + 16;
+  const int64_t total_bytes = partials_off + table.total_chunks * static_cast<int64_t>(sizeof(double2));
+
+  at::Tensor host = at::empty({partials_off}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memset(host.data_ptr(), 0, partials_off);
+  if (table_bytes > 0) std::memcpy(host.data_ptr(), table.entries.data(), table_bytes);
+  at::Tensor ws = at::empty({total_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  ws.narrow(0, 0, partials_off).copy_(host, /*non_blocking=*/true);
+
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    std::lock_guard<std::mutex> lock(captured_mutex);
+    captured_tables.push_back(host);
+  }
+
+  uint8_t* base = ws.data_ptr<uint8_t>();
+  const auto* entries = reinterpret_cast<const TensorEntry*>(base);
+  auto* ticket = reinterpret_cast<unsigned int*>(base + ticket_off);
+  auto* partials = reinterpret_cast<double2*>(base + partials_off);
+
+  at::Tensor out = at::empty({3}, at::TensorOptions().dtype(at::kDouble).device(device));
+  at::Tensor flag = at::empty({}, at::TensorOptions().dtype(at::kBool).device(device));
+  double* out_ptr = out.data_ptr<double>();
+  bool* flag_ptr = flag.data_ptr<bool>();
+
+  reduce_kernel<<<grid_for(table.total_chunks, device.index()), kThreads, 0, stream>>>(
+      entries, n_entries, table.total_chunks, partials, ticket, out_ptr, flag_ptr, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (table.pair_chunks > 0) {
+    update_kernel<<<grid_for(table.pair_chunks, device.index()), kThreads, 0, stream>>>(
+        entries, n_entries, table.pair_chunks, out_ptr + 2, flag_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out.select(0, 0), out.select(0, 1), out.select(0, 2), flag};
+}
+
+}  // namespace agem_fast
+
+TORCH_LIBRARY_IMPL(agem_fast, CUDA, m) {
+  m.impl("project_", &agem_fast::project_cuda);
+}
