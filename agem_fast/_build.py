@@ -82,6 +82,20 @@ def want_cuda() -> tuple[bool, str]:
     return True, ""
 
 
+def _import_cpp_extension():
+    """torch.utils.cpp_extension, without its "No CUDA runtime is found" log on GPU-less hosts."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 @contextmanager
 def build_environment(with_cuda: bool):
     """CUDA_HOME, TORCH_CUDA_ARCH_LIST and ninja on PATH, restored afterwards."""
@@ -89,8 +103,7 @@ def build_environment(with_cuda: bool):
     home = find_cuda_home()
     if home:  # before torch.utils.cpp_extension is first imported: it guesses at import
         os.environ["CUDA_HOME"] = home
-    from torch.utils import cpp_extension
-
+    cpp_extension = _import_cpp_extension()
     saved_home = cpp_extension.CUDA_HOME
     try:
         try:
@@ -131,17 +144,17 @@ def is_cached(name: str) -> bool:
 
 def jit_load(verbose: bool = False):
     """Compile (first use only; cached in TORCH_EXTENSIONS_DIR) and import the extension."""
-    from torch.utils import cpp_extension
-
     with_cuda, _ = want_cuda()
     name = jit_name(with_cuda)
     sources = _sources(with_cuda)
-    if not is_cached(name):
-        what = "C++ and CUDA" if with_cuda else "C++"
-        how_long = "several minutes" if with_cuda else "about a minute"
-        print(f"agem_fast: compiling the {what} extension (first use only, {how_long})...",
-              file=sys.stderr, flush=True)
     with build_environment(with_cuda):
+        from torch.utils import cpp_extension
+
+        if not is_cached(name):
+            what = "C++ and CUDA" if with_cuda else "C++"
+            how_long = "a few minutes" if with_cuda else "about a minute"
+            print(f"agem_fast: compiling the {what} extension (first use only, {how_long})...",
+                  file=sys.stderr, flush=True)
         return cpp_extension.load(
             name=name,
             sources=sources,
@@ -155,7 +168,7 @@ def jit_load(verbose: bool = False):
 
 def extension_for_setup(root: Path):
     """(Extension, BuildExtension) for setup.py: the module agem_fast._C."""
-    from torch.utils import cpp_extension
+    cpp_extension = _import_cpp_extension()
 
     with_cuda, _ = want_cuda()
     sources = [str((root / n).relative_to(root.parent)) for n in

@@ -1,1 +1,34 @@
-def backend_info(): return {}
+"""backend_info(): which backend each device uses, and the extension's build state."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def backend_info() -> dict:
+    """Backend per visible device, build status and (after a failed build) why.
+
+    Loads the extension if it is not loaded yet, which compiles it on first use.
+    """
+    from . import __version__, _build, _extension
+    from ._api import backend_for
+
+    _extension.load()
+    devices = {"cpu": backend_for(torch.device("cpu"))}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            devices[f"cuda:{i}"] = backend_for(torch.device("cuda", i))
+    with_cuda, why_not = _build.want_cuda()
+    return {
+        "agem_fast": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_home": _build.find_cuda_home(),
+        "cuda_kernels_wanted": with_cuda if with_cuda else f"no ({why_not})",
+        "forced_backend": os.environ.get("AGEM_FAST_BACKEND", "auto"),
+        "extension": {**_extension.status(), "build_info": _extension.build_info()},
+        "backends": devices,
+    }

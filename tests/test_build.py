@@ -1,0 +1,134 @@
+"""The build machinery: toolkit discovery, fallback on a failed build, register spills."""
+
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from agem_fast import _build
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fake_toolkit(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "include" / "cuda.h").write_text("")
+    return root
+
+
+def test_find_cuda_home_reads_nvcc_wrapper_script(tmp_path, monkeypatch):
+    toolkit = _fake_toolkit(tmp_path / "opt" / "cuda-x")
+    wrapper_dir = tmp_path / "wrapper"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper_dir))
+    assert _build.find_cuda_home() == str(toolkit)
+
+
+def test_find_cuda_home_prefers_a_valid_env_var(tmp_path, monkeypatch):
+    toolkit = _fake_toolkit(tmp_path / "tk")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert _build.find_cuda_home() == str(toolkit)
+    # An env var that is not a toolkit is ignored, not trusted.
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _build.find_cuda_home() != str(tmp_path / "nothing-here")
+
+
+def test_build_environment_is_restored(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    before = dict(os.environ)
+    with _build.build_environment(with_cuda=_build.want_cuda()[0]):
+        if _build.want_cuda()[0] and not torch.cuda.is_available():
+            assert os.environ["TORCH_CUDA_ARCH_LIST"] == _build.DEFAULT_ARCH_LIST
+    assert dict(os.environ) == before
+
+
+_PROBE = """
+import warnings, torch, agem_fast
+from agem_fast import _extension
+p = torch.nn.Parameter(torch.zeros(5)); p.grad = torch.tensor([1., 2., 3., 4., 5.])
+r = torch.tensor([-1., -1., -1., -1., -1.])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        p.grad.copy_(torch.tensor([1., 2., 3., 4., 5.]))
+        res = agem_fast.project_([p], [r])
+print("WARNINGS", sum("could not be built" in str(w.message) for w in caught))
+print("STATUS", _extension.status()["status"])
+print("BACKEND", agem_fast._api.backend_for(torch.device("cpu")))
+print("GRAD", p.grad.tolist())
+"""
+
+
+def _broken_sources(tmp_path: Path) -> Path:
+    src = tmp_path / "csrc"
+    (src / "cpu").mkdir(parents=True)
+    (src / "agem_table.h").write_text("")
+    (src / "agem_ops.cpp").write_text("#error deliberately broken for the fallback test\n")
+    (src / "cpu" / "agem_cpu.cpp").write_text("")
+    return src
+
+
+def _run_probe(tmp_path, **env):
+    full_env = {**os.environ, "AGEM_FAST_CSRC": str(_broken_sources(tmp_path)), "AGEM_FAST_CUDA": "0",
+                "AGEM_FAST_JIT": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **env}
+    full_env.pop("AGEM_FAST_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                          env=full_env, timeout=600)
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    out = _run_probe(tmp_path, AGEM_FAST_STRICT="0")
+    assert out.returncode == 0, out.stderr
+    assert "WARNINGS 1" in out.stdout
+    assert "STATUS failed" in out.stdout
+    assert "BACKEND torch" in out.stdout
+    # dot = -15, rr = 5, coef = -3: g + 3 r = g - 3, computed by the fallback.
+    assert "GRAD [-2.0, -1.0, 0.0, 1.0, 2.0]" in out.stdout
+
+
+def test_failed_build_raises_when_strict(tmp_path):
+    out = _run_probe(tmp_path, AGEM_FAST_STRICT="1")
+    assert out.returncode != 0
+    assert "could not be built" in out.stderr
+
+
+def _nvcc():
+    home = _build.find_cuda_home()
+    if torch.version.cuda is None or home is None:
+        pytest.skip("needs a CUDA build of torch and a CUDA toolkit")
+    return os.path.join(home, "bin", "nvcc"), home
+
+
+def test_cuda_kernels_have_no_register_spills(tmp_path):
+    nvcc, home = _nvcc()
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    cmd = [nvcc, "-c", str(REPO / "csrc" / "cuda" / "agem_cuda.cu"), "-o", str(tmp_path / "k.o"),
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-O3", "-std=c++20", "-Xptxas", "-v", "--expt-relaxed-constexpr",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           "-DAGEM_FAST_WITH_CUDA", "--compiler-options", "-fPIC", *includes]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = out.stdout + out.stderr
+    functions = re.findall(r"Compiling entry function '(\w+)'", report)
+    assert any("reduce_kernel" in f for f in functions), report[-2000:]
+    assert any("update_kernel" in f for f in functions), report[-2000:]
+    assert len(re.findall(r"for 'sm_(80|90)'", report)) >= 4, report[-2000:]  # both kernels, both archs
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills, report[-2000:]
+    assert all(s == "0" and l == "0" for s, l in spills), report[-4000:]
