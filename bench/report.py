@@ -126,8 +126,8 @@ def device_markdown(result: dict, *, date: str) -> str:
         "× floor = t / t_floor (lower is better); vs Avalanche = t_avalanche / t (higher is better). "
         "IQR % = interquartile range / median. rel err = vs a float64 projection of the same inputs.",
         "",
-        "| workload | dtype | case | impl | backend | median ms | IQR % | GB/s | % copy BW | × floor | vs Avalanche | peak extra mem | rel err |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | dtype | case | impl | backend | median ms | min ms | IQR % | GB/s | % copy BW | × floor | vs Avalanche | peak extra mem | rel err |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines = list(head)
     for r in sorted_rows(result["rows"]):
@@ -141,15 +141,16 @@ def device_markdown(result: dict, *, date: str) -> str:
         elif backend.startswith("flat torch.dot"):
             backend = "dot+axpy"
         if not r.get("runs"):
-            lines.append(f"| {wl} | {r['dtype']} | {case} | {r['impl']} | {backend} | skipped | | | | | | | |")
+            lines.append(f"| {wl} | {r['dtype']} | {case} | {r['impl']} | {backend} | skipped | | | | | | | | |")
             continue
         med = [x * 1e3 for x in _runs(r, "median_s")]
+        mins = [x * 1e3 for x in _runs(r, "min_s")]
         iqr = [100.0 * (run["q3_s"] - run["q1_s"]) / run["median_s"] for run in r["runs"]]
         fmt_ms = "{:.3f}" if max(med) < 10 else "{:.2f}" if max(med) < 100 else "{:.1f}"
         err = r.get("rel_err")
         err_s = "–" if err is None else f"{err:.1e}" + ("" if r.get("check_ok", True) else " **WRONG**")
         lines.append(
-            f"| {wl} | {r['dtype']} | {case} | {r['impl']} | {backend} | {_pair(med, fmt_ms)} | "
+            f"| {wl} | {r['dtype']} | {case} | {r['impl']} | {backend} | {_pair(med, fmt_ms)} | {_pair(mins, fmt_ms)} | "
             f"{_pair(iqr, '{:.0f}')} | {_pair(_runs(r, 'gbps'), '{:.1f}')} | "
             f"{_pair(_runs(r, 'pct_copy_bw'), '{:.0f}')} | {_pair(_runs(r, 'x_floor'), '{:.2f}')} | "
             f"{_pair(_runs(r, 'speedup_vs_avalanche'), '{:.1f}')} | {_mib(r.get('peak_extra_bytes'))} | {err_s} |"

@@ -32,11 +32,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 DEFAULTS = {
     # device type: workloads, dtypes, repeats, warmup, sets
-    "cpu": (("resnet18", "vit_b_16", "gpt2", "tiny5000"), ("fp32",), 10, 2, 1),
+    "cpu": (("resnet18", "vit_b_16", "gpt2", "tiny5000"), ("fp32",), 15, 2, 1),
     "cuda": (("resnet18", "vit_b_16", "gpt2", "llama_1b", "tiny5000"), ("fp32", "bf16", "fp16"), 30, 5, 3),
 }
 QUICK = {
-    "cpu": (("resnet18", "vit_b_16", "tiny5000"), ("fp32",), 5, 1, 1),
+    "cpu": (("resnet18", "vit_b_16", "tiny5000"), ("fp32",), 7, 1, 1),
     "cuda": (("resnet18", "vit_b_16", "gpt2", "llama_1b", "tiny5000"), ("fp32", "bf16", "fp16"), 10, 3, 2),
 }
 
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", type=_csv, default=None, help="comma list of fp32,bf16,fp16 (default CPU fp32, CUDA all)")
     p.add_argument("--all-dtypes", action="store_true", help="fp32,bf16,fp16 on the CPU too")
     p.add_argument("--impls", type=_csv, default=list(harness.IMPLS), help="comma list of " + ",".join(harness.IMPLS))
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (CPU 10, CUDA 30)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (CPU 15, CUDA 30; --quick: 7, 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CPU 2, CUDA 5)")
     p.add_argument("--runs", type=int, default=2, help="times each measurement is repeated (noise; default 2)")
     p.add_argument("--sets", type=int, default=None, help="input sets rotated between calls (CPU 1, CUDA 3; fewer when memory is short)")

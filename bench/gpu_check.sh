@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# All GPU validation and benchmarking of agem_fast in one call, for a lent GPU machine.
+#
+#   bench/gpu_check.sh                 # every stage: env build tests sanitize bench
+#   bench/gpu_check.sh build,bench     # a subset (comma list), e.g. to split across calls
+#
+# From a session, through the device tool (one command, at most 10 minutes):
+#   run(command="bash bench/gpu_check.sh")
+# The machine has no network: it uses the image's python3 (/opt/torch/.venv, which holds
+# torch, pytest, pytest-benchmark, hypothesis, matplotlib), a venv made from it with
+# --system-site-packages, and installs agem_fast into it with --no-index --no-deps.
+# avalanche-lib is not there, so the benchmark's "avalanche" rows use the algorithm's
+# re-expression (agem_fast._baselines.avalanche_project_) and Avalanche tests skip.
+#
+# Stages (each bounded by a timeout; all of them share a budget of GPU_CHECK_BUDGET
+# seconds, default 570, so one call ends inside the device tool's 600 s limit):
+#   env       nvidia-smi (+ -q), python/torch/nvcc versions, `python -m agem_fast info`
+#   build     venv + editable install + `python -m agem_fast build` (AGEM_FAST_STRICT=1);
+#             the extension cache is build/torch_extensions (ignored by git, so a warm
+#             machine keeps it between calls)
+#   tests     AGEM_FAST_STRICT=1 pytest tests -k cuda (the CUDA variants of the suite)
+#   sanitize  compute-sanitizer memcheck and racecheck on bench/cuda_sanitize_case.py
+#             (PyTorch's caching allocator off, so each tensor is its own allocation)
+#   bench     python -m bench.run --devices cuda (--quick unless GPU_CHECK_FULL=1), then
+#             the pytest-benchmark microbenchmarks on CUDA
+#
+# Everything is written to bench/results/gpu-<card>-<UTC date>/ (logs, nvidia-smi,
+# the benchmark's .json/.md/.png, summary.md). When $OUT is set (the device tool), the
+# summary, the benchmark files, nvidia-smi and a .tar.gz of the whole folder are copied
+# there (at most 8 files) so they come back; commit them under bench/results/.
+# Exit status: non-zero when any stage that ran failed.
+
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,sanitize,bench}}"
+BUDGET="${GPU_CHECK_BUDGET:-570}"
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/build/torch_extensions}"
+mkdir -p "$TORCH_EXTENSIONS_DIR"
+
+has_stage() { [[ ",$STAGES," == *",$1,"* ]]; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# bounded <cap seconds>: the smaller of cap and what the budget has left (at least 1)
+bounded() { local l; l=$(left); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
+
+CARD="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+CARD_SLUG="$(echo "${CARD:-unknown-gpu}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
+STAMP="$(date -u +%Y%m%d-%H%M)"
+RES="$REPO/bench/results/gpu-${CARD_SLUG}-${STAMP}"
+mkdir -p "$RES"
+SUMMARY="$RES/summary.md"
+declare -A STATUS
+
+note() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*"; }
+
+# Python: the image's interpreter, then whatever python3 is on PATH.
+BASE_PY="${PYTHON:-}"
+if [[ -z "$BASE_PY" ]]; then
+  if [[ -x /opt/torch/.venv/bin/python3 ]]; then BASE_PY=/opt/torch/.venv/bin/python3; else BASE_PY="$(command -v python3)"; fi
+fi
+VENV="${GPU_CHECK_VENV:-$REPO/build/gpu-venv}"
+PY="$BASE_PY"
+if [[ -x "$VENV/bin/python" ]]; then PY="$VENV/bin/python"; fi
+
+# ------------------------------------------------------------------ env
+if has_stage env; then
+  note "env -> $RES/env.txt, nvidia-smi.txt"
+  {
+    nvidia-smi
+    echo; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu,driver_version --format=csv
+  } > "$RES/nvidia-smi.txt" 2>&1
+  nvidia-smi -q > "$RES/nvidia-smi-q.txt" 2>&1
+  {
+    echo "date: $(date -u)"; echo "card: $CARD"; uname -a; echo "python: $BASE_PY"
+    "$BASE_PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); p = torch.cuda.get_device_properties(0); print(p); print("L2 bytes", getattr(p, "L2_cache_size", "?"))'
+    command -v nvcc && nvcc --version
+    command -v compute-sanitizer && compute-sanitizer --version
+    "$BASE_PY" -m pip list 2>/dev/null | grep -i -E "^(torch|pytest|hypothesis|matplotlib|ninja|pybind11|setuptools|avalanche)" || true
+    nproc; free -g
+  } > "$RES/env.txt" 2>&1
+  STATUS[env]=ok
+fi
+
+# ------------------------------------------------------------------ build
+if has_stage build; then
+  note "build -> $RES/build.log"
+  (
+    set -e
+    if [[ ! -x "$VENV/bin/python" ]]; then
+      "$BASE_PY" -m venv --system-site-packages "$VENV"
+      # When the base interpreter is itself a venv (the image's /opt/torch/.venv),
+      # --system-site-packages reaches only the interpreter below it: add the base
+      # venv's site-packages (torch, pytest, ...) through a .pth file.
+      "$BASE_PY" -c 'import site, sys; print("\n".join(site.getsitepackages()))' > "$VENV/base-site.txt"
+      site_dir="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+      cp "$VENV/base-site.txt" "$site_dir/zz_base_site.pth"
+    fi
+    "$VENV/bin/python" -c "import torch; print('venv sees torch', torch.__version__)"
+    "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e "$REPO" \
+      || { echo "editable install failed; using PYTHONPATH=$REPO instead"; exit 3; }
+  ) > "$RES/build.log" 2>&1
+  rc=$?
+  if [[ -x "$VENV/bin/python" ]]; then PY="$VENV/bin/python"; fi
+  if (( rc == 3 )); then export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; fi
+  {
+    echo "--- python -m agem_fast build (AGEM_FAST_STRICT=1)"
+    AGEM_FAST_STRICT=1 timeout "$(bounded 330)" "$PY" -m agem_fast build
+    echo "build rc=$?"
+    echo "--- python -m agem_fast info"
+    "$PY" -m agem_fast info
+  } >> "$RES/build.log" 2>&1
+  if grep -q "^build rc=0" "$RES/build.log"; then STATUS[build]=ok; else STATUS[build]=FAILED; fi
+  tail -5 "$RES/build.log"
+fi
+# Without the build stage, still make sure the repo is importable.
+if ! "$PY" -c "import agem_fast" 2>/dev/null; then export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; fi
+
+# ------------------------------------------------------------------ tests
+if has_stage tests; then
+  note "tests -> $RES/tests.log"
+  AGEM_FAST_STRICT=1 timeout "$(bounded 200)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
+    --junitxml="$RES/tests-junit.xml" > "$RES/tests.log" 2>&1
+  rc=$?
+  STATUS[tests]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+  tail -3 "$RES/tests.log"
+fi
+
+# ------------------------------------------------------------------ sanitize
+if has_stage sanitize; then
+  if command -v compute-sanitizer > /dev/null; then
+    for tool in memcheck racecheck; do
+      note "sanitize $tool -> $RES/$tool.log"
+      extra=()
+      [[ $tool == memcheck ]] && extra=(--leak-check no)
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 AGEM_FAST_BACKEND=extension timeout "$(bounded 150)" \
+        compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 99 \
+        "$PY" bench/cuda_sanitize_case.py > "$RES/$tool.log" 2>&1
+      rc=$?
+      STATUS[$tool]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+      tail -3 "$RES/$tool.log"
+    done
+  else
+    STATUS[memcheck]="not run: no compute-sanitizer"; STATUS[racecheck]="${STATUS[memcheck]}"
+  fi
+fi
+
+# ------------------------------------------------------------------ bench
+if has_stage bench; then
+  note "bench -> $RES/bench-cuda.{json,md,png}, bench.log"
+  QUICK=(--quick); [[ "${GPU_CHECK_FULL:-0}" == 1 ]] && QUICK=()
+  timeout "$(bounded 330)" "$PY" -m bench.run --devices cuda "${QUICK[@]}" --out "$RES" --name bench-cuda \
+    > "$RES/bench-cuda.stdout.md" 2> "$RES/bench.log"
+  rc=$?
+  STATUS[bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+  if (( $(left) > 60 )); then
+    note "pytest-benchmark microbenchmarks (cuda) -> $RES/pytest-bench.log"
+    AGEM_BENCH_DEVICES=cuda AGEM_BENCH_ROUNDS=10 timeout "$(bounded 90)" "$PY" -m pytest bench -q -p no:cacheprovider \
+      --benchmark-columns=median,iqr,rounds --benchmark-json="$RES/pytest-bench.json" > "$RES/pytest-bench.log" 2>&1
+    rc=$?
+    STATUS[pytest-bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+  else
+    STATUS[pytest-bench]="not run: out of time budget"
+  fi
+fi
+
+# ------------------------------------------------------------------ summary
+{
+  echo "# GPU check: ${CARD:-unknown GPU}, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Stages: $STAGES; $(( $(date +%s) - T0 )) s in all; results folder bench/results/$(basename "$RES")"
+  echo
+  echo "| stage | status |"; echo "|---|---|"
+  for k in env build tests memcheck racecheck bench pytest-bench; do
+    [[ -n "${STATUS[$k]:-}" ]] && echo "| $k | ${STATUS[$k]} |"
+  done
+  if [[ -f "$RES/tests.log" ]]; then echo; echo '```'; tail -3 "$RES/tests.log"; echo '```'; fi
+  for tool in memcheck racecheck; do
+    if [[ -f "$RES/$tool.log" ]]; then echo; echo "$tool:"; echo '```'; grep -E "ERROR SUMMARY|sanitize case|FAIL" "$RES/$tool.log" | tail -5; echo '```'; fi
+  done
+  if [[ -f "$RES/bench-cuda.md" ]]; then
+    echo; sed -n '/^Targets:/,/^peak extra mem/p' "$RES/bench-cuda.md"
+  fi
+} > "$SUMMARY"
+
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+  tar czf "$OUT/gpu-check-${CARD_SLUG}-${STAMP}.tar.gz" -C "$REPO/bench/results" "$(basename "$RES")"
+  for f in summary.md bench-cuda.md bench-cuda.json bench-cuda.png nvidia-smi.txt; do
+    [[ -f "$RES/$f" ]] && cp "$RES/$f" "$OUT/"
+  done
+  note "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+fi
+
+echo
+cat "$SUMMARY"
+[[ -f "$RES/bench-cuda.md" ]] && grep -E "^\| (resnet18|vit_b_16|gpt2|llama_1b|tiny5000) .*\| (fp32|bf16) \| proj \|" "$RES/bench-cuda.md" | cut -c1-220
+fail=0
+for k in "${!STATUS[@]}"; do [[ "${STATUS[$k]}" == FAILED* ]] && fail=1; done
+exit $fail
