@@ -1,0 +1,296 @@
+"""Extension-specific checks: chunking edges, alignment, determinism, the raw op, CUDA
+launch behaviour. The general randomized oracle suite (test_projection.py) runs on the
+extension too, through the `backend` fixture."""
+
+import os
+
+import pytest
+import torch
+
+import agem_fast
+from oracle import check_call, oracle
+
+CHUNK = 1 << 14  # csrc/agem_table.h kChunkElems; checked against build_info below
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.fixture
+def ext(monkeypatch):
+    from agem_fast import _extension
+
+    if not _extension.supports("cpu"):
+        if os.environ.get("AGEM_FAST_STRICT") == "1":
+            pytest.fail("extension unavailable with AGEM_FAST_STRICT=1")
+        pytest.skip("extension unavailable")
+    monkeypatch.setenv("AGEM_FAST_BACKEND", "extension")
+    return _extension
+
+
+def _case(shapes, dtype, device, seed, *, coupling=-0.7):
+    """Params with random grads g = n + coupling * r, refs r; never zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    params, refs = [], []
+    for s in shapes:
+        r = torch.randn(s, generator=gen, dtype=torch.float64) + 0.01
+        g = torch.randn(s, generator=gen, dtype=torch.float64) + coupling * r
+        p = torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device))
+        p.grad = g.to(dtype).to(device)
+        params.append(p)
+        refs.append(r.to(dtype).to(device))
+    return params, refs
+
+
+def _run(params, refs, device, eps=0.0):
+    before = [p.grad.clone() for p in params]
+    orc = oracle([g.cpu() for g in before], [r.cpu() for r in refs], eps)
+    res = agem_fast.project_(params, refs, eps=eps)
+    check_call(res, orc, [p.grad.cpu() for p in params], [g.cpu() for g in before], device)
+    return res
+
+
+def test_chunk_size_matches_build(ext):
+    assert ext.build_info()["chunk_elems"] == CHUNK
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 17, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
+def test_sizes_around_vector_width_and_chunk(ext, dtype, n):
+    params, refs = _case([(n,), (n + 3,)], dtype, "cpu", seed=n)
+    _run(params, refs, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g_off,r_off", [(1, 1), (1, 2), (3, 0), (0, 5)])
+def test_misaligned_views_into_larger_buffers(ext, dtype, g_off, r_off):
+    gen = torch.Generator().manual_seed(g_off * 10 + r_off)
+    n = 2 * CHUNK + 37
+    g_buf = torch.randn(n + 16, generator=gen, dtype=torch.float64).to(dtype)
+    r_buf = torch.randn(n + 16, generator=gen, dtype=torch.float64).to(dtype)
+    g_buf[g_off:g_off + n] -= 0.5 * r_buf[r_off:r_off + n]  # make it project
+    p = torch.nn.Parameter(torch.empty(n, dtype=dtype))
+    p.grad = g_buf[g_off:g_off + n]
+    guard_before = g_buf.clone()
+    res = _run([p], [r_buf[r_off:r_off + n]], torch.device("cpu"))
+    assert bool(res.projected)
+    # nothing outside the view was touched
+    torch.testing.assert_close(g_buf[:g_off], guard_before[:g_off], rtol=0, atol=0)
+    torch.testing.assert_close(g_buf[g_off + n:], guard_before[g_off + n:], rtol=0, atol=0)
+
+
+def test_single_tensor_many_chunks_mixed_with_tiny(ext):
+    shapes = [(5 * CHUNK + 11,), (3,), (), (2, 3), (CHUNK * 2,)]
+    for dtype in DTYPES:
+        params, refs = _case(shapes, dtype, "cpu", seed=3)
+        _run(params, refs, torch.device("cpu"))
+
+
+def test_5000_tiny_tensors(ext):
+    params, refs = _case([(100,)] * 5000, torch.float32, "cpu", seed=5)
+    res = _run(params, refs, torch.device("cpu"))
+    assert bool(res.projected)
+
+
+def test_mixed_dtypes_in_one_call(ext):
+    gen = torch.Generator().manual_seed(9)
+    params, refs = [], []
+    for i in range(40):
+        dtype = DTYPES[i % 4]
+        ps, rs = _case([(int(torch.randint(1, 3 * CHUNK, (1,), generator=gen)),)], dtype, "cpu", seed=i)
+        params += ps
+        refs += rs
+    _run(params, refs, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitwise_identical_for_any_thread_count(ext, threads):
+    params, refs = _case([(3 * CHUNK + 1,), (17,), (CHUNK * 4,)] * 3, torch.float32, "cpu", seed=11)
+    saved = [p.grad.clone() for p in params]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref_res = agem_fast.project_(params, refs)
+        ref_grads = [p.grad.clone() for p in params]
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+        torch.set_num_threads(threads + 1)
+        res = agem_fast.project_(params, refs)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(ref_res, res):
+        assert torch.equal(a, b)
+    for a, p in zip(ref_grads, params):
+        assert torch.equal(a, p.grad)
+
+
+def test_layout_mismatch_is_staged_not_rejected(ext):
+    """channels_last grad with a contiguous ref, and a grad with gaps: right answer."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 6, 5, 3, generator=gen, dtype=torch.float64)
+    p1 = torch.nn.Parameter(torch.empty(4, 6, 5, 3))
+    p1.grad = x.float().contiguous(memory_format=torch.channels_last)
+    r1 = (torch.randn(4, 6, 5, 3, generator=gen) - 0.5 * p1.grad).contiguous()
+    big = torch.randn(10, 20, generator=gen)
+    p2 = torch.nn.Parameter(torch.empty(10, 7))
+    p2.grad = big[:, 3:10]  # a view with gaps: not dense
+    r2 = torch.randn(10, 7, generator=gen)
+    big_before = big.clone()
+    res = _run([p1, p2], [r1, r2], torch.device("cpu"))
+    assert p1.grad.is_contiguous(memory_format=torch.channels_last)
+    assert p2.grad.data_ptr() == big[:, 3:10].data_ptr()
+    torch.testing.assert_close(big[:, :3], big_before[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(big[:, 10:], big_before[:, 10:], rtol=0, atol=0)
+    assert bool(res.projected)
+
+
+def test_raw_op_rejects_mismatched_pairs(ext):
+    g = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="different strides"):
+        torch.ops.agem_fast.project_([g], [torch.randn(5, 4).t()], [], 0.0)
+    with pytest.raises(ValueError, match="dense"):
+        torch.ops.agem_fast.project_([torch.randn(4, 10)[:, ::2]], [torch.randn(4, 5)], [], 0.0)
+    with pytest.raises(TypeError, match="refs\\[0\\]"):
+        torch.ops.agem_fast.project_([g], [g.double()], [], 0.0)
+    with pytest.raises(ValueError, match="1 grads but 0 refs"):
+        torch.ops.agem_fast.project_([g], [], [], 0.0)
+
+
+def test_opcheck(ext):
+    params, refs = _case([(33,), (4, 5)], torch.float32, "cpu", seed=1)
+    grads = [p.grad for p in params]
+    torch.library.opcheck(torch.ops.agem_fast.project_.default, (grads, refs, [torch.randn(7)], 0.0))
+
+
+# ---------------------------------------------------------------- CUDA (GPU machine) --
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture
+def cuda_ext(ext):
+    if not ext.supports("cuda"):
+        pytest.fail("CUDA device present but the extension has no CUDA kernels")
+    return ext
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_chunk_edges_and_alignment(cuda_ext, dtype):
+    dev = torch.device("cuda")
+    for n in [1, 9, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 5]:
+        params, refs = _case([(n,), (n + 3,), (2, 3)], dtype, dev, seed=n)
+        _run(params, refs, dev)
+    buf_g = torch.randn(4 * CHUNK, device=dev).to(dtype)
+    buf_r = torch.randn(4 * CHUNK, device=dev).to(dtype)
+    for go, ro in [(1, 1), (1, 2), (0, 3)]:
+        p = torch.nn.Parameter(torch.empty(3 * CHUNK, dtype=dtype, device=dev))
+        p.grad = buf_g[go:go + 3 * CHUNK]
+        _run([p], [buf_r[ro:ro + 3 * CHUNK]], dev)
+
+
+@cuda
+def test_cuda_5000_tiny_and_mixed(cuda_ext):
+    dev = torch.device("cuda")
+    params, refs = _case([(100,)] * 5000, torch.float32, dev, seed=5)
+    _run(params, refs, dev)
+    params, refs = [], []
+    for i in range(40):
+        ps, rs = _case([(1 + 997 * i,)], DTYPES[i % 4], dev, seed=i)
+        params += ps
+        refs += rs
+    _run(params, refs, dev)
+
+
+@cuda
+def test_cuda_bitwise_reproducible(cuda_ext):
+    dev = torch.device("cuda")
+    params, refs = _case([(3 * CHUNK + 1,), (17,), (CHUNK * 40,)] * 3, torch.float32, dev, seed=11)
+    saved = [p.grad.clone() for p in params]
+    out = []
+    for _ in range(3):
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+        res = agem_fast.project_(params, refs)
+        out.append(([t.clone() for t in res], [p.grad.clone() for p in params]))
+    for scalars, grads in out[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(scalars, out[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(grads, out[0][1]))
+
+
+@cuda
+def test_cuda_two_kernel_launches_for_any_tensor_count(cuda_ext):
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device("cuda")
+    for count in (1, 62, 3000):
+        params, refs = _case([(257,)] * count, torch.float32, dev, seed=count)
+        agem_fast.project_(params, refs)  # warm-up
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            agem_fast.project_(params, refs)
+            torch.cuda.synchronize()
+        device_events = [e for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e.name for e in device_events
+                   if not e.name.startswith(("Memcpy", "Memset", "memcpy", "memset"))]
+        assert len(kernels) == 2, kernels
+        assert any("reduce_kernel" in k for k in kernels) and any("update_kernel" in k for k in kernels)
+
+
+@cuda
+def test_cuda_non_default_stream(cuda_ext):
+    dev = torch.device("cuda")
+    params, refs = _case([(CHUNK * 8 + 3,), (5,)], torch.float32, dev, seed=2)
+    before = [p.grad.clone() for p in params]
+    orc = oracle([g.cpu() for g in before], [r.cpu() for r in refs])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        res = agem_fast.project_(params, refs)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    check_call(res, orc, [p.grad.cpu() for p in params], [g.cpu() for g in before], dev)
+
+
+@cuda
+def test_cuda_graph_capture_and_replay(cuda_ext):
+    dev = torch.device("cuda")
+    params, refs = _case([(CHUNK * 3 + 7,), (64, 3), (9,)], torch.float32, dev, seed=4)
+    static_in = [p.grad.clone() for p in params]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture, as the CUDA graph recipe asks
+        agem_fast.project_(params, refs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for p, g in zip(params, static_in):
+            p.grad.copy_(g)
+        res = agem_fast.project_(params, refs)
+    for seed in range(3):  # new inputs each replay, same static storage
+        new = _case([tuple(p.shape) for p in params], torch.float32, dev, seed=100 + seed,
+                    coupling=-0.7 if seed != 1 else 0.7)[0]
+        for g, q in zip(static_in, new):
+            g.copy_(q.grad)
+        orc = oracle([g.cpu() for g in static_in], [r.cpu() for r in refs])
+        graph.replay()
+        torch.cuda.synchronize()
+        check_call(res, orc, [p.grad.cpu() for p in params], [g.cpu() for g in static_in], dev)
+
+
+@cuda
+@pytest.mark.skipif(os.environ.get("AGEM_FAST_BIG_TESTS") != "1", reason="set AGEM_FAST_BIG_TESTS=1 (needs ~13 GB of GPU memory)")
+def test_cuda_tensor_over_2_pow_31_elements(cuda_ext):
+    dev = torch.device("cuda")
+    n = 2**31 + 4099
+    g = torch.full((n,), 1.0, dtype=torch.float16, device=dev)
+    r = torch.full((n,), -1.0, dtype=torch.float16, device=dev)
+    g[-5:] = 3.0  # the tail past 2^31 must take part
+    p = torch.nn.Parameter(torch.empty(n, dtype=torch.float16, device=dev))
+    p.grad = g
+    res = agem_fast.project_([p], [r])
+    expected_dot = -(n - 5) - 5 * 3.0
+    assert abs(float(res.dot) - expected_dot) <= 1e-6 * n
+    assert float(res.ref_sq_norm) == pytest.approx(n, rel=1e-6)
+    coef = expected_dot / n
+    assert float(g[0]) == pytest.approx(1.0 + coef, abs=1e-3)
+    assert float(g[-1]) == pytest.approx(3.0 + coef, abs=1e-2)
