@@ -1,0 +1,464 @@
+"""`AGEMPlugin`: a drop-in replacement for Avalanche's A-GEM plugin.
+
+Same constructor, hooks, attributes and algorithm as
+`avalanche.training.plugins.AGEMPlugin`, with the projection done by
+`agem_fast.project_` against a `ReferenceGradient` allocated once, and (by default)
+the episodic memory held as tensors on the strategy's device, so drawing a
+reference batch is a few slices instead of a DataLoader step.
+
+Works with Avalanche strategies (it subclasses Avalanche's `SupervisedPlugin` when
+Avalanche is importable) and with any object that offers `model`, `optimizer`,
+`device`, `_criterion` and, for `after_training_exp`, `experience.dataset`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ._api import project_
+from ._reference import ReferenceGradient
+
+try:  # Avalanche is optional: subclass its plugin base when it is there.
+    from avalanche.core import SupervisedPlugin as _PluginBase
+
+    HAS_AVALANCHE = True
+except ImportError:
+    HAS_AVALANCHE = False
+
+    # The callbacks of Avalanche's SupervisedPlugin (BasePlugin + BaseSGDPlugin).
+    _CALLBACKS = (
+        "before_training",
+        "before_training_exp",
+        "after_training_exp",
+        "after_training",
+        "before_eval",
+        "before_eval_exp",
+        "after_eval_exp",
+        "after_eval",
+        "before_training_epoch",
+        "before_training_iteration",
+        "before_forward",
+        "after_forward",
+        "before_backward",
+        "after_backward",
+        "after_training_iteration",
+        "before_update",
+        "after_update",
+        "after_training_epoch",
+        "before_eval_iteration",
+        "before_eval_forward",
+        "after_eval_forward",
+        "after_eval_iteration",
+        "before_train_dataset_adaptation",
+        "after_train_dataset_adaptation",
+        "before_eval_dataset_adaptation",
+        "after_eval_dataset_adaptation",
+    )
+
+    def _noop(self, strategy, *args, **kwargs):
+        return None
+
+    class _PluginBase:  # type: ignore[no-redef]
+        """Stand-in for Avalanche's SupervisedPlugin: every callback is a no-op."""
+
+        supports_distributed: bool = False
+
+        def __init__(self):
+            super().__init__()
+
+    for _name in _CALLBACKS:
+        setattr(_PluginBase, _name, _noop)
+    del _name
+
+
+MEMORY_MODES = ("tensor", "dataset")
+
+_STATE_VERSION = 1
+
+
+class TensorMemory(Dataset):
+    """One experience's memory as collated tensors (memory="tensor").
+
+    `fields[j]` is the j-th element of the collated batch (patterns, targets, ...,
+    task labels last), first dimension = pattern. Indexing gives a tuple like an
+    Avalanche classification dataset item (without transforms: they were applied
+    once when the memory was filled).
+    """
+
+    def __init__(self, fields: Sequence[torch.Tensor]):
+        self.fields: List[torch.Tensor] = list(fields)
+
+    def __len__(self) -> int:
+        return int(self.fields[0].shape[0]) if self.fields else 0
+
+    def __getitem__(self, index):
+        return tuple(f[index] for f in self.fields)
+
+    def to(self, device) -> "TensorMemory":
+        self.fields = [f.to(device) for f in self.fields]
+        return self
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self.fields[0].device if self.fields else None
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{tuple(f.shape)}:{f.dtype}" for f in self.fields)
+        return f"TensorMemory({shapes})"
+
+
+def _default_collate(batch):
+    from torch.utils.data import default_collate
+
+    return default_collate(batch)
+
+
+_MULTI_TASK_TYPES: Optional[tuple] = None
+
+
+def _is_multi_task_module(model) -> bool:
+    """Avalanche's `is_multi_task_module`, without importing Avalanche's models eagerly."""
+    global _MULTI_TASK_TYPES
+    if not HAS_AVALANCHE:
+        return False
+    if _MULTI_TASK_TYPES is None:
+        try:
+            from avalanche.models import MultiTaskModule
+
+            _MULTI_TASK_TYPES = (MultiTaskModule,)
+        except ImportError:  # pragma: no cover - broken Avalanche install
+            _MULTI_TASK_TYPES = ()
+    if not _MULTI_TASK_TYPES:
+        return False
+    if isinstance(model, _MULTI_TASK_TYPES):
+        return True
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel) and isinstance(model.module, _MULTI_TASK_TYPES)
+
+
+def _forward(model, x, task_labels):
+    """`avalanche_forward`: multi-task modules get the task labels, others only x."""
+    if _is_multi_task_module(model):
+        return model(x, task_labels)
+    return model(x)
+
+
+class AGEMPlugin(_PluginBase):
+    """Average Gradient Episodic Memory (A-GEM), Avalanche-compatible and fast.
+
+    A drop-in replacement for `avalanche.training.plugins.AGEMPlugin`. Before each
+    training iteration it computes the reference gradient of the loss on a batch
+    drawn from an episodic memory of past experiences (model in train mode, the
+    strategy's bare `_criterion`); after the backward pass it projects the current
+    gradient with `agem_fast.project_`: when `<g, g_ref> < 0`,
+    `g <- g - <g, g_ref> / <g_ref, g_ref> * g_ref`, globally over all parameters.
+
+    Memory: after each experience, `patterns_per_experience` patterns of it are kept,
+    chosen as Avalanche does (`random.shuffle` of the indices, first
+    `patterns_per_experience` kept; the whole experience if it is smaller), so the
+    same Python `random` seed selects the same patterns.
+
+    Sampling: with `n` experiences in memory, each reference batch takes
+    `sample_size // n` consecutive patterns from every experience (experience order),
+    walking through each experience's memory in a fixed order and starting again
+    from its first pattern after its last (possibly shorter) chunk, exactly as
+    Avalanche's `GroupBalancedInfiniteDataLoader` does. Every new experience restarts
+    all walks from the first pattern. With deterministic transforms the reference
+    batches are identical to Avalanche's.
+
+    Rule for too many experiences: every experience must contribute at least one
+    pattern, so at most `sample_size` experiences can be stored. Storing experience
+    number `sample_size + 1` raises a `ValueError` (Avalanche crashes inside its data
+    loader there); nothing is changed by the failing call.
+
+    :param patterns_per_experience: number of patterns per experience in memory.
+    :param sample_size: number of patterns of a reference batch (split evenly over
+        the experiences; the remainder of the division is not used, as in Avalanche).
+    :param memory: "tensor" (default): the memory is collated once into tensors on
+        the strategy's device and sampling is slicing, no DataLoader; transforms are
+        applied once, when the memory is filled. The dataset's collate function must
+        return a sequence of tensors that can be concatenated along the first
+        dimension (true for Avalanche's classification datasets). "dataset": the
+        memory is kept as dataset subsets and every reference batch is fetched
+        item by item and collated, so transforms run at every access, as Avalanche.
+
+    Attributes (as Avalanche's): `buffers` (one dataset per experience: a subset of
+    the experience's dataset with memory="dataset", a `TensorMemory` with
+    memory="tensor"), `reference_gradients` (the last reference gradient in
+    Avalanche's flat layout, zeros where a parameter had no gradient). Also
+    `reference_gradient`, the underlying `agem_fast.ReferenceGradient`.
+
+    Checkpointing: `state_dict()` / `load_state_dict()` save and restore the memory
+    and each experience's sampling position; pickling the plugin (or an Avalanche
+    strategy holding it) keeps the same state.
+    """
+
+    def __init__(self, patterns_per_experience: int, sample_size: int, *, memory: str = "tensor"):
+        super().__init__()
+        self.patterns_per_experience = int(patterns_per_experience)
+        self.sample_size = int(sample_size)
+        if self.patterns_per_experience < 1:
+            raise ValueError(
+                f"patterns_per_experience must be >= 1, got {patterns_per_experience!r}"
+            )
+        if self.sample_size < 1:
+            raise ValueError(f"sample_size must be >= 1, got {sample_size!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        self.memory = memory
+
+        self.buffers: List[Any] = []
+        self._cursors: List[int] = []  # next pattern of each experience's walk
+        self._collate_fn = None  # the first buffer's collate function (as Avalanche)
+        self._device: Optional[torch.device] = None
+        self._init_transient()
+
+    # ------------------------------------------------------------------ state
+    def _init_transient(self) -> None:
+        self._reference: Optional[ReferenceGradient] = None
+        self._reference_key: Optional[list] = None
+        self._numels: List[int] = []
+        self._reference_ready = False
+
+    @property
+    def reference_gradient(self) -> Optional[ReferenceGradient]:
+        """The `ReferenceGradient` of the last reference pass (None before the first)."""
+        return self._reference if self._reference_ready else None
+
+    @property
+    def reference_gradients(self) -> torch.Tensor:
+        """Last reference gradient in Avalanche's flat layout (a copy where needed).
+
+        Parameters that had no gradient contribute zeros, as in Avalanche. An empty
+        tensor before the first reference pass.
+        """
+        ref = self.reference_gradient
+        if ref is None:
+            return torch.empty(0)
+        parts = ref.as_list()
+        if all(p is not None for p in parts) and ref.flat is not None:
+            return ref.flat
+        device = next((p.device for p in parts if p is not None), self._device)
+        return torch.cat(
+            [
+                p.reshape(-1) if p is not None else torch.zeros(n, device=device)
+                for p, n in zip(parts, self._numels)
+            ]
+        )
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Memory and sampling position, to resume a checkpointed run.
+
+        With memory="tensor" the memory is plain tensors; with memory="dataset" it is
+        the dataset subsets themselves (load with `torch.load(..., weights_only=False)`).
+        """
+        if self.memory == "tensor":
+            buffers = [list(b.fields) for b in self.buffers]
+        else:
+            buffers = list(self.buffers)
+        return {
+            "version": _STATE_VERSION,
+            "patterns_per_experience": self.patterns_per_experience,
+            "sample_size": self.sample_size,
+            "memory": self.memory,
+            "buffers": buffers,
+            "cursors": list(self._cursors),
+            "collate_fn": self._collate_fn,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what `state_dict()` returned (same constructor arguments required)."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError("not an agem_fast.AGEMPlugin state_dict (missing or unknown 'version')")
+        for key in ("patterns_per_experience", "sample_size", "memory"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"state_dict has {key}={state[key]!r} but this plugin was built with "
+                    f"{key}={getattr(self, key)!r}"
+                )
+        buffers, cursors = list(state["buffers"]), [int(c) for c in state["cursors"]]
+        if len(buffers) != len(cursors):
+            raise ValueError("state_dict 'buffers' and 'cursors' differ in length")
+        if self.memory == "tensor":
+            buffers = [TensorMemory(fields) for fields in buffers]
+        self.buffers = buffers
+        self._cursors = cursors
+        self._collate_fn = state.get("collate_fn")
+        self._init_transient()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in ("_reference", "_reference_key", "_numels", "_reference_ready"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_transient()
+
+    # ------------------------------------------------------------------ hooks
+    def before_training_iteration(self, strategy, **kwargs):
+        """Compute the reference gradient on a memory batch."""
+        self._reference_ready = False
+        if len(self.buffers) == 0:
+            return
+        device = torch.device(strategy.device)
+        self._to_device(device)
+        model = strategy.model
+        model.train()
+        strategy.optimizer.zero_grad()
+        mb = self.sample_from_memory()
+        if mb is None:  # every stored experience is empty: nothing to refer to
+            return
+        xref, yref, tid = mb[0], mb[1], mb[-1]
+        xref, yref = xref.to(device), yref.to(device)
+        if isinstance(tid, torch.Tensor):
+            tid = tid.to(device)
+        out = _forward(model, xref, tid)
+        loss = strategy._criterion(out, yref)
+        loss.backward()
+        params = list(model.parameters())
+        self._reference_for(params).capture_(params)
+        self._reference_ready = True
+        strategy.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def after_backward(self, strategy, **kwargs):
+        """Project the current gradient against the reference gradient."""
+        if len(self.buffers) == 0 or not self._reference_ready:
+            return
+        project_(list(strategy.model.parameters()), self._reference)
+
+    def after_training_exp(self, strategy, **kwargs):
+        """Add patterns of the experience just trained on to the memory."""
+        if getattr(strategy, "device", None) is not None:
+            self._device = torch.device(strategy.device)
+        self.update_memory(strategy.experience.dataset, **kwargs)
+
+    # ------------------------------------------------------------------ memory
+    def sample_from_memory(self):
+        """Next reference batch: the collated batch (patterns, targets, ..., task labels).
+
+        memory="tensor": tensors on the memory's device. memory="dataset": the
+        dataset's collate output (CPU tensors, as Avalanche's loader gives).
+        None when every stored experience is empty.
+        """
+        per_exp = self.sample_size // len(self.buffers)
+        ranges = []
+        for k, buf in enumerate(self.buffers):
+            n = len(buf)
+            if n == 0:
+                continue
+            start = self._cursors[k]
+            stop = min(start + per_exp, n)
+            self._cursors[k] = 0 if stop >= n else stop
+            ranges.append((buf, start, stop))
+        if not ranges:
+            return None
+        if self.memory == "tensor":
+            n_fields = len(ranges[0][0].fields)
+            return [
+                torch.cat([buf.fields[j][start:stop] for buf, start, stop in ranges])
+                for j in range(n_fields)
+            ]
+        items = [buf[i] for buf, start, stop in ranges for i in range(start, stop)]
+        collate = self._collate_fn if self._collate_fn is not None else _default_collate
+        return collate(items)
+
+    @torch.no_grad()
+    def update_memory(self, dataset, num_workers=0, **kwargs):
+        """Store `patterns_per_experience` random patterns of `dataset` in memory.
+
+        `num_workers` is accepted for compatibility and ignored (no DataLoader).
+        """
+        n_exp = len(self.buffers) + 1
+        if self.sample_size // n_exp < 1:
+            raise ValueError(
+                f"AGEMPlugin: cannot store experience {n_exp} with sample_size="
+                f"{self.sample_size}: each reference batch takes sample_size // "
+                f"n_experiences patterns from every experience, which would be 0. "
+                f"Use sample_size >= the number of experiences ({n_exp} or more)."
+            )
+        n = len(dataset)
+        indices: Optional[List[int]] = None
+        if n - self.patterns_per_experience > 0:
+            indices = list(range(n))
+            random.shuffle(indices)
+            indices = indices[: self.patterns_per_experience]
+
+        if self.memory == "dataset":
+            if indices is None:
+                buffer = dataset
+            elif hasattr(dataset, "subset"):
+                buffer = dataset.subset(indices)
+            else:
+                buffer = torch.utils.data.Subset(dataset, indices)
+            if not self.buffers:
+                self._collate_fn = getattr(buffer, "collate_fn", None) or getattr(
+                    dataset, "collate_fn", None
+                )
+        else:
+            buffer = self._materialise(dataset, indices)
+
+        self.buffers.append(buffer)
+        self._cursors = [0] * len(self.buffers)  # a new loader restarts every walk
+
+    def _materialise(self, dataset, indices: Optional[List[int]]) -> TensorMemory:
+        # Avalanche collates every reference batch with the first buffer's collate_fn.
+        if not self.buffers or self._collate_fn is None:
+            self._collate_fn = getattr(dataset, "collate_fn", None)
+        collate = self._collate_fn or _default_collate
+        idx = range(len(dataset)) if indices is None else indices
+        items = [dataset[i] for i in idx]
+        device = self._device if self._device is not None else torch.device("cpu")
+        if not items:
+            ref = self.buffers[0].fields if self.buffers else None
+            fields = [f[:0] for f in ref] if ref else []
+            return TensorMemory(fields)
+        batch = collate(items)
+        if isinstance(batch, torch.Tensor) or not isinstance(batch, (list, tuple)):
+            raise TypeError(
+                "memory='tensor' needs the dataset's collate function to return a sequence "
+                f"of tensors (patterns, targets, ..., task labels); got {type(batch).__name__}. "
+                "Use memory='dataset'."
+            )
+        fields = []
+        for j, f in enumerate(batch):
+            if not isinstance(f, torch.Tensor) or f.dim() == 0 or f.shape[0] != len(items):
+                raise TypeError(
+                    f"memory='tensor': element {j} of the collated batch is not a tensor with "
+                    f"one row per pattern ({type(f).__name__}); use memory='dataset'."
+                )
+            fields.append(f.to(device))
+        if self.buffers and self.buffers[0].fields and len(fields) != len(self.buffers[0].fields):
+            raise TypeError(
+                f"memory='tensor': this experience's batches have {len(fields)} elements, "
+                f"earlier ones {len(self.buffers[0].fields)}"
+            )
+        return TensorMemory(fields)
+
+    def _to_device(self, device: torch.device) -> None:
+        self._device = device
+        if self.memory != "tensor":
+            return
+        for buf in self.buffers:
+            d = buf.device
+            if d is not None and d != device:
+                buf.to(device)
+
+    def _reference_for(self, params: List[torch.Tensor]) -> ReferenceGradient:
+        """The ReferenceGradient for these parameters, allocated once per parameter set."""
+        key = [(p.shape, p.dtype, p.device, p.stride()) for p in params]
+        if self._reference is None or key != self._reference_key:
+            self._reference = ReferenceGradient(params)
+            self._reference_key = key
+            self._numels = [p.numel() for p in params]
+        return self._reference
+
+
+__all__ = ["AGEMPlugin", "TensorMemory", "HAS_AVALANCHE"]
