@@ -14,8 +14,11 @@ What one measurement is
   Input sets are rotated as well (call i uses set i % nsets).
 - CUDA: CUDA events around the call, after `warmup` untimed calls. CPU:
   `time.perf_counter` around the call. Statistics: median, quartiles, min, max.
-- Each timing is run twice (run 1 for every implementation, then run 2 for every
-  implementation), and both are reported.
+- The implementations are timed interleaved (round i calls each once, alternating
+  the order), so a slow spell of a shared machine hits all of them alike; the ratios
+  (t / t_floor, t_avalanche / t) are medians of the per-round ratios.
+- Each timing is run twice (all rounds, then all rounds again), and both runs are
+  reported.
 - Peak extra memory of one call, untimed: CUDA `max_memory_allocated()` minus the
   allocated bytes before the call; CPU: the running sum of the allocation events
   that `torch.profiler(profile_memory=True)` records (c10 CPU allocator, all
@@ -48,7 +51,12 @@ from agem_fast._baselines import FlatFloor, avalanche_project_
 IMPLS = ("avalanche", "torch", "extension", "floor")
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# Relative error vs the float64 projection above which a row is flagged.
+# Implementations held to DESIGN section 1's accuracy. The baselines (Avalanche's
+# algorithm, the floor) use one fp32 BLAS dot over all parameters, whose error grows
+# with the parameter count (about 1e-3 relative at ViT-B/16's 86.6M on a CPU): their
+# error is reported, not judged.
+CHECKED_IMPLS = ("torch", "extension")
+# Relative error vs the float64 projection above which a checked row is flagged.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
@@ -455,41 +463,70 @@ def summarize(times: Sequence[float]) -> dict:
     }
 
 
-def time_calls(impl: Impl, *, repeats: int, warmup: int, flush: Callable[[], None]) -> List[float]:
-    """Per-call seconds; restore + flush (+ sync) before every call, outside the timing."""
-    wl = impl.wl
-    device = wl.device
-    n = wl.nsets
-    with backend_env(impl.env):
-        for i in range(warmup):
-            impl.restore(i % n)
-            impl.call(i % n)
-        sync(device)
-        if device.type == "cuda":
-            events = []
-            for i in range(repeats):
-                k = i % n
-                impl.restore(k)
-                flush()
+def time_round_robin(
+    impls: Sequence[Impl], *, repeats: int, warmup: int, flush: Callable[[], None]
+) -> Dict[int, List[float]]:
+    """Per-call seconds of every implementation, interleaved: round i times each once.
+
+    Interleaving (forward order in even rounds, reverse in odd ones) exposes all
+    implementations to the same machine state, so the paired ratio t_impl[i] /
+    t_floor[i] stays meaningful on a shared, noisy machine. Before every call, timed
+    or not: restore the gradients and (timed) flush the cache, outside the timing;
+    on CUDA also synchronise, then CUDA events around the call. Returns
+    {id(impl): times}; an implementation that raises gets its exception stored
+    under `impl.error` and is dropped from later rounds.
+    """
+    if not impls:
+        return {}
+    device = impls[0].wl.device
+    n = impls[0].wl.nsets
+    cuda = device.type == "cuda"
+    live = list(impls)
+    pending: Dict[int, list] = {id(i): [] for i in impls}
+
+    def one(impl: Impl, k: int, timed: bool):
+        with backend_env(impl.env):
+            impl.restore(k)
+            if not timed:
+                impl.call(k)
+                return None
+            flush()
+            if cuda:
                 torch.cuda.synchronize(device)
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
                 impl.call(k)
                 end.record()
-                events.append((start, end))
-            torch.cuda.synchronize(device)
-            return [s.elapsed_time(e) * 1e-3 for s, e in events]
-        times = []
-        for i in range(repeats):
-            k = i % n
-            impl.restore(k)
-            flush()
+                return (start, end)
             t0 = time.perf_counter()
             impl.call(k)
-            t1 = time.perf_counter()
-            times.append(t1 - t0)
-        return times
+            return time.perf_counter() - t0
+
+    def guarded(impl: Impl, k: int, timed: bool):
+        try:
+            r = one(impl, k, timed)
+        except Exception as exc:  # noqa: BLE001
+            impl.error = f"{type(exc).__name__}: {exc}"
+            live.remove(impl)
+            return
+        if timed:
+            pending[id(impl)].append(r)
+
+    for i in range(warmup):
+        for impl in list(live):
+            guarded(impl, i % n, False)
+    sync(device)
+    for i in range(repeats):
+        order = list(live) if i % 2 == 0 else list(reversed(live))
+        for impl in order:
+            guarded(impl, i % n, True)
+    sync(device)
+    out: Dict[int, List[float]] = {}
+    for impl in impls:
+        vals = pending[id(impl)]
+        out[id(impl)] = [s.elapsed_time(e) * 1e-3 for s, e in vals] if cuda else list(vals)
+    return out
 
 
 def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> Optional[int]:
@@ -527,8 +564,11 @@ def check_and_peak(impl: Impl) -> dict:
         sync(wl.device)
         peak = peak_extra_bytes(lambda: impl.call(0), wl.device)
     err = wl.rel_error(impl.outputs(0))
-    tol = TOLERANCE.get(wl.dtype, 1e-2)
-    return {"peak_extra_bytes": peak, "rel_err": err, "check_ok": bool(err <= tol)}
+    if impl.name in CHECKED_IMPLS:
+        ok: Optional[bool] = bool(err <= TOLERANCE.get(wl.dtype, 1e-2))
+    else:  # the baselines are measured as they are: their error is reported, not judged
+        ok = None
+    return {"peak_extra_bytes": peak, "rel_err": err, "check_ok": ok}
 
 
 def copy_bandwidth(device: torch.device, *, nbytes: Optional[int] = None, repeats: int = 10) -> dict:
@@ -622,34 +662,49 @@ def measure_case(
             rows.append(row)
             impl.release()
             continue
-        if not row["check_ok"]:
+        if row["check_ok"] is False:
             row["note"] = f"WRONG RESULT: rel. error {row['rel_err']:.3g} vs float64"
         rows.append(row)
         active.append((row, impl))
     for run in range(runs):
+        t0 = time.perf_counter()
+        times = time_round_robin([impl for _row, impl in active], repeats=repeats, warmup=warmup, flush=flush)
+        msg = []
         for row, impl in active:
-            t0 = time.perf_counter()
-            try:
-                times = time_calls(impl, repeats=repeats, warmup=warmup, flush=flush)
-            except Exception as exc:  # noqa: BLE001
-                row["note"] = f"timing failed: {type(exc).__name__}: {exc}"
+            if getattr(impl, "error", None):
+                row["note"] = f"timing failed: {impl.error}"
+            ts = times.get(id(impl)) or []
+            if len(ts) < repeats:
                 continue
-            st = summarize(times)
-            st["times_s"] = times
+            st = summarize(ts)
+            st["times_s"] = ts
             row["runs"].append(st)
-            log(
-                f"  {wl.device.type} {wl.name:9s} {base['dtype']} {'proj' if projecting else 'noproj'} "
-                f"{row['impl']:9s} run {run + 1}: median {st['median_s'] * 1e3:9.3f} ms "
-                f"({time.perf_counter() - t0:.1f} s)"
-            )
+            msg.append(f"{row['impl']} {st['median_s'] * 1e3:.3f}")
+        log(
+            f"  {wl.device.type} {wl.name} {base['dtype']} {'proj' if projecting else 'noproj'} run {run + 1} "
+            f"medians ms: {', '.join(msg)} ({time.perf_counter() - t0:.1f} s)"
+        )
     for _row, impl in active:
         impl.release()
     wl.set_case(True)
     return rows
 
 
+def _paired(run: dict, other: dict) -> float:
+    """Median over rounds of t[i] / t_other[i] (both timed in the same round)."""
+    a, b = run.get("times_s") or [], other.get("times_s") or []
+    if len(a) == len(b) and a:
+        return statistics.median(x / y for x, y in zip(a, b))
+    return run["median_s"] / other["median_s"]
+
+
 def derive(rows: List[dict], copy_runs: Sequence[dict]) -> None:
-    """Per run: GB/s, % of copy bandwidth, t / t_floor and t_avalanche / t (in place)."""
+    """Per run: GB/s, % of copy bandwidth, t / t_floor and t_avalanche / t (in place).
+
+    The ratios are paired: the median over rounds of the per-round ratio (the
+    implementations are timed interleaved, round by round); the ratios of the
+    medians are kept as *_of_medians.
+    """
     groups: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["device"], r["workload"], r["dtype"], r["projecting"]), {})[r["impl"]] = r
@@ -662,9 +717,11 @@ def derive(rows: List[dict], copy_runs: Sequence[dict]) -> None:
                 if i < len(copy_runs) and copy_runs[i]:
                     run["pct_copy_bw"] = 100.0 * run["gbps"] / copy_runs[i]["gbps"]
                 if floor and i < len(floor["runs"]):
-                    run["x_floor"] = t / floor["runs"][i]["median_s"]
+                    run["x_floor"] = _paired(run, floor["runs"][i])
+                    run["x_floor_of_medians"] = t / floor["runs"][i]["median_s"]
                 if aval and i < len(aval["runs"]):
-                    run["speedup_vs_avalanche"] = aval["runs"][i]["median_s"] / t
+                    run["speedup_vs_avalanche"] = 1.0 / _paired(run, aval["runs"][i])
+                    run["speedup_vs_avalanche_of_medians"] = aval["runs"][i]["median_s"] / t
 
 
 def run_device(

@@ -70,7 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="file name stem (default <device-tags>-<UTC date>)")
     p.add_argument("--no-write", action="store_true", help="print the tables only")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: rewrite the .md (and .png) of an existing results JSON")
     args = p.parse_args(argv)
+    if args.render:
+        return args
     if args.devices is None:
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for d in args.devices:
@@ -90,8 +94,26 @@ def parse_args(argv=None):
     return args
 
 
+def render(path: Path, plot: bool = True) -> int:
+    """Re-render the Markdown (and PNG) of a results JSON with the current report code."""
+    import json
+
+    data = json.loads(path.read_text())
+    results = [report.normalize(r) for r in data["results"]]
+    md = report.markdown(results, date=data["date"], command=data.get("command", ""))
+    path.with_suffix(".md").write_text(md)
+    if plot:
+        report.plot(results, path.with_suffix(".png"))
+    if path.resolve().parent == RESULTS_DIR.resolve():
+        report.write_index(RESULTS_DIR)
+    print(md)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, plot=not args.no_plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     now = _dt.datetime.now(_dt.timezone.utc)
