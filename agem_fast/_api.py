@@ -33,16 +33,23 @@ def _forced_backend() -> str:
 
 def backend_for(device: torch.device) -> str:
     """Name of the backend a call on `device` uses: 'cuda', 'cpu' or 'torch'."""
+    return _backend_for_type(device.type)
+
+
+# torch.compile evaluates this once at trace time (it may build the extension, which no
+# graph can trace) and bakes the answer into the graph.
+@torch.compiler.assume_constant_result
+def _backend_for_type(device_type: str) -> str:
     from . import _extension
 
     forced = _forced_backend()
     if forced == "torch":
         return "torch"
-    if device.type in ("cpu", "cuda") and _extension.supports(device.type):
-        return device.type
+    if device_type in ("cpu", "cuda") and _extension.supports(device_type):
+        return device_type
     if forced == "extension":
         raise RuntimeError(
-            f"AGEM_FAST_BACKEND=extension but the extension has no kernels for {device.type}: "
+            f"AGEM_FAST_BACKEND=extension but the extension has no kernels for {device_type}: "
             f"{_extension.status()}"
         )
     return "torch"

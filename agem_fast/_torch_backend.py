@@ -97,8 +97,9 @@ def project(plan: Plan):
     dot, rr = _sums(plan)
     coef, projected = decide(dot, rr, plan.eps)
     if plan.grads:
-        if plan.device.type == "cpu":
-            # On the CPU reading the flag costs nothing, and skipping saves a full pass.
+        if plan.device.type == "cpu" and not torch.compiler.is_compiling():
+            # On the CPU reading the flag costs nothing, and skipping saves a full pass
+            # (but a compiled graph cannot branch on it).
             if bool(projected):
                 _update_cpu(plan, float(coef))
         else:
