@@ -1,0 +1,557 @@
+"""Randomized comparison of agem_fast.project_ against the float64 oracle.
+
+Every case is built from fresh random data (seeded generators or hypothesis); no
+test uses all-zero gradients. Gradients and references come in many memory
+layouts; views into larger buffers have their surroundings poisoned with NaN and
+checked untouched after the call. See oracle.py for the error model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import agem_fast
+from oracle import assert_bit_identical, bits, check_call, oracle
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GRAD_LAYOUTS = ("contig", "channels_last", "transposed", "gapped", "offset")
+REF_LAYOUTS = GRAD_LAYOUTS + ("flat1d",)
+REF_FORMS = ("list", "flat", "refgrad")
+
+
+# ----------------------------------------------------------------------------------
+# input construction
+
+
+def rand_values(gen: torch.Generator, shape, scale: float = 1.0) -> torch.Tensor:
+    """float64 values, never zero: random sign * 2^U(-3, 3) * scale."""
+    mag = torch.exp2(torch.rand(shape, generator=gen, dtype=torch.float64) * 6 - 3)
+    sign = torch.randint(0, 2, shape, generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+    return sign * mag * scale
+
+
+class Poisoned:
+    """A view into a larger NaN-filled buffer; `check()` asserts the rest is untouched."""
+
+    def __init__(self, big: torch.Tensor, mask: torch.Tensor, what: str):
+        self.big, self.mask, self.what = big, mask, what
+        self.before = bits(big)[~mask.cpu()]
+
+    def check(self):
+        after = bits(self.big)[~self.mask.cpu()]
+        assert torch.equal(after, self.before), f"{self.what}: memory around the view was written"
+
+
+def materialize(vals: torch.Tensor, dtype, layout: str, device, what: str = "",
+                poison: Optional[list] = None) -> torch.Tensor:
+    """A tensor of `dtype` on `device` holding `vals` (logical order) in `layout`."""
+    shape = tuple(vals.shape)
+    d = len(shape)
+    if layout == "channels_last" and d in (4, 5):
+        fmt = torch.channels_last if d == 4 else torch.channels_last_3d
+        t = vals.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+        return t
+    if layout == "transposed" and d >= 2:
+        perm = list(reversed(range(d)))
+        buf = vals.permute(perm).contiguous().to(device=device, dtype=dtype)
+        return buf.permute(perm)  # its own inverse
+    if layout == "flat1d":
+        return vals.reshape(-1).to(device=device, dtype=dtype)
+    if layout == "gapped" or (layout == "transposed" and d < 2):
+        big_shape = tuple(2 * s + 1 for s in shape) if d else (5,)
+        big = torch.full(big_shape, float("nan"), dtype=dtype, device=device)
+        mask = torch.zeros(big_shape, dtype=torch.bool, device=device)
+        idx = tuple(slice(1, 1 + 2 * s, 2) for s in shape) if d else (3,)
+        view = big[idx]
+        view.copy_(vals.to(dtype))
+        mask[idx] = True
+        if poison is not None:
+            poison.append(Poisoned(big, mask, what))
+        return view
+    if layout == "offset":
+        n = vals.numel()
+        big = torch.full((n + 3,), float("nan"), dtype=dtype, device=device)
+        mask = torch.zeros(n + 3, dtype=torch.bool, device=device)
+        mask[1:1 + n] = True
+        view = big[1:1 + n].view(shape)
+        view.copy_(vals.to(dtype))
+        if poison is not None:
+            poison.append(Poisoned(big, mask, what))
+        return view
+    return vals.to(device=device, dtype=dtype).contiguous()
+
+
+@dataclass
+class Spec:
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    grad: bool = True
+    ref: bool = True
+    glayout: str = "contig"
+    rlayout: str = "contig"
+    scale: float = 1.0
+
+
+@dataclass
+class Case:
+    params: List[torch.Tensor]
+    ref_arg: object
+    grads: List[Optional[torch.Tensor]]       # the .grad objects (None where absent)
+    refs: List[Optional[torch.Tensor]]        # reference values as the oracle sees them
+    ref_tensors: List[torch.Tensor]           # every tensor the call must not modify
+    poison: list
+    eps: float
+
+
+def build_case(specs: List[Spec], seed: int, *, alpha: float = 0.0, ref_form: str = "list",
+               eps: float = 0.0, device="cpu", flat_gapped: bool = False) -> Case:
+    """g = noise + alpha * r (alpha < 0: projects, > 0: does not, 0: independent)."""
+    gen = torch.Generator().manual_seed(seed)
+    poison: list = []
+    params, grads, refs, ref_vals = [], [], [], []
+    for i, s in enumerate(specs):
+        r = rand_values(gen, s.shape, s.scale)
+        g = rand_values(gen, s.shape, s.scale)
+        if s.ref and alpha:
+            g = g + alpha * r
+        pfmt = torch.contiguous_format
+        if s.glayout == "channels_last" and len(s.shape) in (4, 5):
+            pfmt = torch.channels_last if len(s.shape) == 4 else torch.channels_last_3d
+        p = torch.empty(s.shape, dtype=s.dtype, device=device).contiguous(memory_format=pfmt)
+        grad = materialize(g, s.dtype, s.glayout, device, f"grad[{i}]", poison) if s.grad else None
+        p.grad = grad
+        params.append(p)
+        grads.append(grad)
+        ref_vals.append(r if s.ref else None)
+
+    ref_tensors = []
+    if ref_form == "list":
+        for i, (s, r) in enumerate(zip(specs, ref_vals)):
+            t = None if r is None else materialize(r, s.dtype, s.rlayout, device, f"ref[{i}]", poison)
+            refs.append(t)
+            if t is not None:
+                ref_tensors.append(t)
+        ref_arg = list(refs)
+    elif ref_form == "flat":
+        assert all(r is not None for r in ref_vals), "the flat form has a reference for every param"
+        dtypes = {s.dtype for s in specs}
+        assert len(dtypes) == 1
+        dtype = dtypes.pop()
+        flat_vals = torch.cat([r.reshape(-1) for r in ref_vals]) if ref_vals else torch.zeros(0, dtype=torch.float64)
+        if flat_gapped:
+            flat = materialize(flat_vals, dtype, "gapped", device, "flat", poison)
+        else:
+            flat = flat_vals.to(device=device, dtype=dtype)
+        offset = 0
+        for r in ref_vals:
+            n = r.numel()
+            refs.append(flat[offset:offset + n].view(r.shape) if flat.is_contiguous() else flat[offset:offset + n].reshape(r.shape))
+            offset += n
+        ref_tensors.append(flat)
+        ref_arg = flat
+    elif ref_form == "refgrad":
+        rg = agem_fast.ReferenceGradient(params)
+        saved = [p.grad for p in params]
+        for i, (p, s, r) in enumerate(zip(params, specs, ref_vals)):
+            p.grad = None if r is None else materialize(r, s.dtype, s.glayout, device)
+        rg.capture_(params)
+        for p, g in zip(params, saved):
+            p.grad = g
+        refs = rg.as_list()
+        ref_tensors = [t for t in refs if t is not None]
+        ref_arg = rg
+    else:
+        raise AssertionError(ref_form)
+    return Case(params, ref_arg, grads, refs, ref_tensors, poison, eps)
+
+
+def run_and_check(case: Case, device, *, params_iter=None):
+    """project_ on the case; check everything against the oracle. Returns (res, orc)."""
+    orc = oracle(case.grads, case.refs, case.eps)
+    before = [None if g is None else g.clone() for g in case.grads]
+    ref_bits = [bits(t) for t in case.ref_tensors]
+    res = agem_fast.project_(case.params if params_iter is None else params_iter, case.ref_arg,
+                             eps=case.eps)
+    after = [p.grad for p in case.params]
+    for i, (a, g) in enumerate(zip(after, case.grads)):
+        assert a is g, f"params[{i}].grad was replaced, not updated in place"
+    check_call(res, orc, after, before, device)
+    for k, (t, b) in enumerate(zip(case.ref_tensors, ref_bits)):
+        assert torch.equal(bits(t), b), f"reference tensor {k} was modified"
+    for p in case.poison:
+        p.check()
+    return res, orc
+
+
+# ----------------------------------------------------------------------------------
+# random structure
+
+
+def random_shape(rnd: random.Random, max_numel: int) -> Tuple[int, ...]:
+    ndim = rnd.choices([0, 1, 2, 3, 4, 5], weights=[1, 4, 4, 2, 4, 1])[0]
+    if ndim == 0:
+        return ()
+    target = math.exp(rnd.uniform(0, math.log(max_numel)))
+    side = max(1, round(target ** (1 / ndim)))
+    return tuple(rnd.randint(1, max(1, 2 * side - 1)) for _ in range(ndim))
+
+
+def random_specs(rnd: random.Random, n: int, max_numel: int, *, dtypes=DTYPES, ref_form="list",
+                 p_none: float = 0.15) -> List[Spec]:
+    uniform = ref_form == "flat" or rnd.random() < 0.4
+    one = rnd.choice(dtypes)
+    specs = []
+    for _ in range(n):
+        s = Spec(
+            shape=random_shape(rnd, max_numel),
+            dtype=one if uniform else rnd.choice(dtypes),
+            grad=rnd.random() >= p_none,
+            ref=ref_form == "flat" or rnd.random() >= p_none,
+            glayout=rnd.choice(GRAD_LAYOUTS),
+            rlayout=rnd.choice(REF_LAYOUTS),
+            scale=2.0 ** rnd.randint(-3, 3),
+        )
+        specs.append(s)
+    return specs
+
+
+def random_alpha(rnd: random.Random) -> float:
+    return rnd.choice([-1.0, -0.3, -0.05, 0.0, 0.0, 0.05, 0.3, 1.0])
+
+
+# ----------------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_cases(seed, backend, device):
+    rnd = random.Random(seed)
+    ref_form = REF_FORMS[seed % 3]
+    specs = random_specs(rnd, rnd.randint(1, 40), 3000, ref_form=ref_form)
+    eps = rnd.choice([0.0, 0.0, 1e-3, 7.5])
+    case = build_case(specs, seed, alpha=random_alpha(rnd), ref_form=ref_form, eps=eps,
+                      device=device, flat_gapped=rnd.random() < 0.3)
+    run_and_check(case, device)
+
+
+@pytest.mark.parametrize("alpha", [-0.5, 0.5])
+@pytest.mark.parametrize("seed", range(2))
+def test_300_tensors_mixed(seed, alpha, backend, device):
+    rnd = random.Random(1000 + seed)
+    specs = random_specs(rnd, 300, 400, ref_form="list")
+    res, orc = run_and_check(build_case(specs, 1000 + seed, alpha=alpha, device=device), device)
+    assert orc.projected == (alpha < 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_tensor_1e6(dtype, backend, device):
+    # one 10^6-element tensor, projecting; the gradient is a view into a larger buffer
+    # for half of the dtypes, channels_last for the others (with a contiguous ref)
+    layout = "offset" if dtype in (torch.float16, torch.float32) else "channels_last"
+    specs = [Spec((10, 100, 25, 40), dtype, glayout=layout, rlayout="contig")]
+    res, orc = run_and_check(build_case(specs, 7, alpha=-0.4, device=device), device)
+    assert orc.projected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_single_vs_many_tiny(dtype, backend, device):
+    """The same 2^17 values as one tensor and as 4096 tensors of 32: both match the oracle."""
+    n = 1 << 17
+    case_one = build_case([Spec((n,), dtype)], 11, alpha=-0.2, device=device)
+    run_and_check(case_one, device)
+    case_many = build_case([Spec((32,), dtype) for _ in range(n // 32)], 11, alpha=-0.2,
+                           device=device, ref_form="flat")
+    res, orc = run_and_check(case_many, device)
+    assert orc.projected
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_hypothesis_cases(data, backend, device):
+    n = data.draw(st.integers(1, 8), label="n")
+    ref_form = data.draw(st.sampled_from(REF_FORMS), label="ref_form")
+    uniform_dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    mixed = ref_form != "flat" and data.draw(st.booleans(), label="mixed")
+    specs = []
+    for _ in range(n):
+        shape = tuple(data.draw(st.lists(st.integers(1, 5), min_size=0, max_size=5), label="shape"))
+        specs.append(Spec(
+            shape=shape,
+            dtype=data.draw(st.sampled_from(DTYPES)) if mixed else uniform_dtype,
+            grad=data.draw(st.booleans()) or data.draw(st.booleans()),
+            ref=ref_form == "flat" or data.draw(st.booleans()) or data.draw(st.booleans()),
+            glayout=data.draw(st.sampled_from(GRAD_LAYOUTS)),
+            rlayout=data.draw(st.sampled_from(REF_LAYOUTS)),
+            scale=2.0 ** data.draw(st.integers(-4, 4)),
+        ))
+    alpha = data.draw(st.sampled_from([-2.0, -0.5, -0.1, 0.0, 0.1, 0.5]), label="alpha")
+    eps = data.draw(st.sampled_from([0.0, 0.0, 0.25, 100.0]), label="eps")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    case = build_case(specs, seed, alpha=alpha, ref_form=ref_form, eps=eps, device=device,
+                      flat_gapped=data.draw(st.booleans(), label="flat_gapped"))
+    run_and_check(case, device)
+
+
+# --- exact special cases -------------------------------------------------------------
+
+
+def _orthogonal_pairs(gen: torch.Generator, n_pairs: int, shift: int):
+    """g = [x0, x0, x1, x1, ...], r = [u0, -u0, u1, -u1, ...]: <g, r> == 0 exactly in any
+    summation order (small integers times one power of two: every partial sum exact)."""
+    x = torch.randint(1, 9, (n_pairs,), generator=gen).to(torch.float64)
+    x = x * (torch.randint(0, 2, (n_pairs,), generator=gen) * 2 - 1)
+    u = torch.randint(1, 9, (n_pairs,), generator=gen).to(torch.float64)
+    g = torch.stack([x, x], 1).reshape(-1) * 2.0**shift
+    r = torch.stack([u, -u], 1).reshape(-1) * 2.0**-shift
+    return g, r
+
+
+@pytest.mark.parametrize("ref_form", ["list", "flat", "refgrad"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_exactly_zero_no_projection(dtype, ref_form, backend, device):
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(3, 4), (2, 3, 4, 5), (7,), (), (1, 2, 6, 6), (301,), (1,)]
+    total = sum(math.prod(s) for s in shapes)
+    assert total % 2 == 0
+    g_all, r_all = _orthogonal_pairs(gen, total // 2, shift=2)
+    layouts = ["transposed", "channels_last", "gapped", "contig", "channels_last", "offset", "contig"]
+    params, grads, refs = [], [], []
+    offset = 0
+    for s, lay in zip(shapes, layouts):
+        n = math.prod(s)
+        g = g_all[offset:offset + n].reshape(s)
+        r = r_all[offset:offset + n].reshape(s)
+        offset += n
+        p = torch.empty(s, dtype=dtype, device=device)
+        p.grad = materialize(g, dtype, lay, device)
+        params.append(p)
+        grads.append(p.grad)
+        refs.append(materialize(r, dtype, "transposed" if lay == "contig" else "contig", device))
+    if ref_form == "flat":
+        ref_arg = torch.cat([r.reshape(-1) for r in refs])
+    elif ref_form == "refgrad":
+        ref_arg = agem_fast.ReferenceGradient(params)
+        for p, r in zip(params, refs):
+            p.grad = r.clone(memory_format=torch.preserve_format) if r.shape == p.shape else r.reshape(p.shape)
+        ref_arg.capture_(params)
+        for p, g in zip(params, grads):
+            p.grad = g
+    else:
+        ref_arg = refs
+    before = [g.clone() for g in grads]
+    res = agem_fast.project_(params, ref_arg)
+    assert float(res.dot) == 0.0
+    assert not bool(res.projected)
+    assert float(res.coef) == 0.0
+    assert float(res.ref_sq_norm) > 0
+    orc = oracle(grads, refs)
+    assert orc.dot == 0.0 and not orc.projected
+    check_call(res, orc, [p.grad for p in params], before, device)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.5])
+@pytest.mark.parametrize("kind", ["all_refs_none", "zero_refs", "zero_flat"])
+def test_rr_zero_no_projection(kind, eps, backend, device):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 5), (3,), (2, 3, 2, 2)]
+    params = []
+    for i, s in enumerate(shapes):
+        p = torch.empty(s, device=device)
+        p.grad = rand_values(gen, s).to(device=device, dtype=torch.float32)
+        params.append(p)
+    if kind == "all_refs_none":
+        ref_arg = [None] * len(params)
+    elif kind == "zero_refs":  # the one place a zero tensor is the point of the test
+        ref_arg = [torch.zeros_like(p) for p in params]
+    else:
+        ref_arg = torch.zeros(sum(p.numel() for p in params), device=device)
+    before = [p.grad.clone() for p in params]
+    res = agem_fast.project_(params, ref_arg, eps=eps)
+    assert float(res.dot) == 0.0 and float(res.ref_sq_norm) == 0.0
+    assert float(res.coef) == 0.0 and not math.isnan(float(res.coef))
+    assert not bool(res.projected)
+    for p, b in zip(params, before):
+        assert_bit_identical(p.grad, b)
+
+
+def _nan_inf_case(kind: str, dtype, device):
+    """Three params; the special value sits in params[1] (or its ref)."""
+    gen = torch.Generator().manual_seed(17)
+    shapes = [(4, 6), (3, 5), (2, 2, 3, 3)]
+    r_vals = [rand_values(gen, s).abs() for s in shapes]  # positive references
+    g_vals = [-rand_values(gen, s).abs() for s in shapes]  # dot clearly negative
+    refs_present = [True, True, True]
+    grads_present = [True, True, True]
+    nan, inf = float("nan"), float("inf")
+    if kind == "nan_in_grad":
+        g_vals[1][1, 2] = nan
+    elif kind == "nan_in_ref":
+        r_vals[1][0, 0] = nan
+    elif kind == "nan_in_ref_only":
+        grads_present[1] = False
+        r_vals[1][2, 4] = nan
+    elif kind == "nan_in_grad_without_ref":
+        refs_present[1] = False
+        g_vals[1][1, 1] = nan
+    elif kind == "pos_inf_in_grad":  # dot = +inf: no projection
+        g_vals[1][0, 3] = inf
+    elif kind == "neg_inf_in_grad":  # dot = -inf, rr finite: coef = -inf
+        g_vals[1][2, 1] = -inf
+    elif kind == "inf_minus_inf":  # dot = inf - inf = NaN: no projection
+        g_vals[1][0, 0] = inf
+        g_vals[2][1, 1, 2, 2] = -inf
+    elif kind == "inf_in_ref_only":  # rr = inf, dot finite < 0: coef = -0.0, projected
+        grads_present[1] = False
+        r_vals[1][1, 1] = inf
+    elif kind == "inf_in_ref":  # dot = -inf, rr = inf: coef = NaN, projected
+        r_vals[1][1, 3] = inf
+    else:
+        raise AssertionError(kind)
+    params, grads, refs = [], [], []
+    for s, g, r, gp, rp in zip(shapes, g_vals, r_vals, grads_present, refs_present):
+        p = torch.empty(s, dtype=dtype, device=device)
+        p.grad = g.to(device=device, dtype=dtype) if gp else None
+        params.append(p)
+        grads.append(p.grad)
+        refs.append(r.to(device=device, dtype=dtype) if rp else None)
+    return params, grads, refs
+
+
+NAN_INF_KINDS = {
+    # kind: (projected, dot is nan)
+    "nan_in_grad": (False, True),
+    "nan_in_ref": (False, True),
+    "nan_in_ref_only": (False, False),
+    "nan_in_grad_without_ref": (True, False),
+    "pos_inf_in_grad": (False, False),
+    "neg_inf_in_grad": (True, False),
+    "inf_minus_inf": (False, True),
+    "inf_in_ref_only": (True, False),
+    "inf_in_ref": (True, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", sorted(NAN_INF_KINDS))
+def test_nan_inf(kind, dtype, backend, device):
+    params, grads, refs = _nan_inf_case(kind, dtype, device)
+    expect_projected, expect_nan_dot = NAN_INF_KINDS[kind]
+    orc = oracle(grads, refs)
+    assert orc.projected == expect_projected and math.isnan(orc.dot) == expect_nan_dot
+    before = [None if g is None else g.clone() for g in grads]
+    res = agem_fast.project_(params, refs)
+    assert math.isnan(float(res.dot)) == expect_nan_dot
+    check_call(res, orc, [p.grad for p in params], before, device)
+    if not expect_projected:
+        assert float(res.coef) == 0.0  # never NaN when not projecting
+
+
+@pytest.mark.parametrize("ref_form", ["list", "flat", "refgrad"])
+def test_empty_params(ref_form, backend):
+    if ref_form == "list":
+        ref = []
+    elif ref_form == "flat":
+        ref = torch.zeros(0)
+    else:
+        ref = agem_fast.ReferenceGradient([])
+    res = agem_fast.project_([], ref)
+    for name in ("dot", "ref_sq_norm", "coef"):
+        t = getattr(res, name)
+        assert t.dim() == 0 and float(t) == 0.0
+    assert res.projected.dim() == 0 and not bool(res.projected)
+
+
+def test_all_grads_none_refs_present(backend, device):
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.empty(s, device=device) for s in [(3, 3), (5,)]]
+    refs = [rand_values(gen, p.shape).to(device=device, dtype=torch.float32) for p in params]
+    res = agem_fast.project_(params, refs)
+    orc = oracle([None, None], refs)
+    check_call(res, orc, [p.grad for p in params], [None, None], device)
+    assert float(res.ref_sq_norm) > 0 and float(res.dot) == 0.0 and not bool(res.projected)
+    assert all(p.grad is None for p in params)
+
+
+def test_ref_only_param_counts_in_rr(backend, device):
+    """coef = dot / (rr_paired + rr_ref_only): a reference-only entry shrinks the step."""
+    gen = torch.Generator().manual_seed(8)
+    p0, p1 = torch.empty(50, device=device, dtype=torch.float64), torch.empty(30, device=device, dtype=torch.float64)
+    r0 = rand_values(gen, (50,)).to(device)
+    r1 = rand_values(gen, (30,)).to(device)
+    g0 = (rand_values(gen, (50,)) - 2.0 * r0.cpu()).to(device)
+    p0.grad = g0.clone()
+    res = agem_fast.project_([p0, p1], [r0, r1])
+    expected_coef = float(g0 @ r0) / float(r0 @ r0 + r1 @ r1)
+    assert float(res.coef) == pytest.approx(expected_coef, rel=1e-12)
+    assert float(res.coef) != pytest.approx(float(g0 @ r0) / float(r0 @ r0), rel=1e-3)
+    torch.testing.assert_close(p0.grad, g0 - expected_coef * r0, rtol=1e-12, atol=1e-12)
+    assert p1.grad is None
+
+
+@pytest.mark.parametrize("ref_form", ["list", "flat", "refgrad"])
+def test_bitwise_reproducible(ref_form, backend, device):
+    rnd = random.Random(99)
+    specs = random_specs(rnd, 60, 5000, ref_form=ref_form, dtypes=(torch.float32,) if ref_form == "flat" else DTYPES)
+    outs = []
+    for _ in range(2):
+        case = build_case(specs, 99, alpha=-0.3, ref_form=ref_form, device=device)
+        res = agem_fast.project_(case.params, case.ref_arg)
+        outs.append((res, [None if p.grad is None else bits(p.grad) for p in case.params]))
+    (r1, g1), (r2, g2) = outs
+    for name in ("dot", "ref_sq_norm", "coef", "projected"):
+        assert torch.equal(bits(getattr(r1, name)), bits(getattr(r2, name))), name
+    assert bool(r1.projected)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_params_as_generator(backend, device):
+    """`params` may be any iterable, e.g. model.parameters() (consumed once)."""
+    rnd = random.Random(21)
+    specs = random_specs(rnd, 12, 200, ref_form="list")
+    case = build_case(specs, 21, alpha=-0.5, device=device)
+    run_and_check(case, device, params_iter=(p for p in case.params))
+
+
+@pytest.mark.parametrize("ref_form", ["list", "flat"])
+def test_zero_numel_params(ref_form, backend, device):
+    specs = [Spec((3, 4), torch.float32), Spec((0,), torch.float32), Spec((2, 0, 3), torch.float32),
+             Spec((5,), torch.float32)]
+    run_and_check(build_case(specs, 2, alpha=-0.5, ref_form=ref_form, device=device), device)
+
+
+@pytest.mark.parametrize("eps_factor", [0.01, 1.0, 1e3])
+def test_eps_scales_coef(eps_factor, backend, device):
+    specs = [Spec((40, 30), torch.float64), Spec((7,), torch.float64, grad=False),
+             Spec((2, 3, 4, 5), torch.float64, glayout="channels_last")]
+    probe = build_case(specs, 31, alpha=-0.8, device=device)
+    rr = oracle(probe.grads, probe.refs).rr
+    case = build_case(specs, 31, alpha=-0.8, eps=eps_factor * rr, device=device)
+    res, orc = run_and_check(case, device)
+    assert float(res.coef) == pytest.approx(orc.dot / (rr * (1 + eps_factor)), rel=1e-10)
+
+
+def test_projection_is_global_not_per_layer(backend, device):
+    """Layer 0 is aligned with its reference, layer 1 opposed; the total is negative.
+    A per-layer projection would leave layer 0 alone; the global one moves it too."""
+    gen = torch.Generator().manual_seed(41)
+    r0 = rand_values(gen, (64,)).to(device)
+    r1 = rand_values(gen, (64,)).to(device)
+    g0 = (0.1 * r0.cpu()).to(device)
+    g1 = (-1.0 * r1.cpu()).to(device)
+    p0, p1 = torch.empty(64, device=device, dtype=torch.float64), torch.empty(64, device=device, dtype=torch.float64)
+    p0.grad, p1.grad = g0.clone(), g1.clone()
+    res = agem_fast.project_([p0, p1], [r0, r1])
+    assert bool(res.projected)
+    assert not torch.equal(p0.grad, g0)
+    orc = oracle([g0, g1], [r0, r1])
+    check_call(res, orc, [p0.grad, p1.grad], [g0, g1], device)

@@ -1,0 +1,314 @@
+"""Bad input: a clear ValueError/TypeError naming the parameter index, raised before
+any gradient is written.
+
+Every case starts from a valid, strongly projecting problem (g = -r + noise, so a
+non-atomic implementation that processed the entries before the bad one would
+visibly change their gradients) and breaks entry 2 of 4, never the first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import pytest
+import torch
+
+import agem_fast
+from oracle import assert_bit_identical, bits
+
+SHAPES = [(6, 5), (2, 3, 4, 4), (17,), (3, 3)]
+BAD = 2
+TOTAL = sum(math.prod(s) for s in SHAPES)
+
+
+def _vals(gen, shape):
+    mag = torch.exp2(torch.rand(shape, generator=gen, dtype=torch.float64) * 4 - 2)
+    sign = torch.randint(0, 2, shape, generator=gen).to(torch.float64) * 2 - 1
+    return sign * mag
+
+
+def valid_problem(device, dtypes=None, seed=0):
+    """4 params with grads, aligned refs; the projection is certain (dot << 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = dtypes or [torch.float32] * len(SHAPES)
+    params, refs = [], []
+    for s, dt in zip(SHAPES, dtypes):
+        r = _vals(gen, s)
+        g = -r + 0.1 * _vals(gen, s)
+        p = torch.empty(s, dtype=dt, device=device)
+        p.grad = g.to(device=device, dtype=dt)
+        params.append(p)
+        refs.append(r.to(device=device, dtype=dt))
+    return params, refs
+
+
+def _meta_param(shape, with_grad=True):
+    p = torch.empty(shape, device="meta")
+    if with_grad:
+        p.grad = torch.empty(shape, device="meta")
+    return p
+
+
+def _typed_param(shape, dtype, device, gen):
+    p = torch.zeros(shape, dtype=dtype, device=device)
+    if dtype.is_complex:
+        p.grad = torch.complex(_vals(gen, shape), _vals(gen, shape)).to(device=device, dtype=dtype)
+    else:
+        p.grad = torch.randint(1, 9, shape, generator=gen).to(device=device, dtype=dtype)
+    return p
+
+
+# Each builder mutates a valid (params, refs) and returns (params, ref_arg, kwargs, pattern):
+# `pattern` must be found in the error message (the index, or what is wrong).
+IDX = r"(\[2\]|\b(param(eter)?|index|entry|tensor)\s*#?\s*2\b)"
+
+
+def case_refs_too_short(params, refs, device, gen):
+    return params, refs[:3], {}, r"3.*4|4.*3"
+
+
+def case_refs_too_long(params, refs, device, gen):
+    return params, refs + [refs[0].clone()], {}, r"5.*4|4.*5"
+
+
+def case_refgrad_too_short(params, refs, device, gen):
+    rg = agem_fast.ReferenceGradient(params[:3]).capture_(params[:3])
+    return params, rg, {}, r"3.*4|4.*3"
+
+
+def case_numel_mismatch(params, refs, device, gen):
+    refs[BAD] = torch.ones(refs[BAD].numel() + 1, device=device)
+    return params, refs, {}, IDX
+
+
+def case_numel_mismatch_ref_only(params, refs, device, gen):
+    params[BAD].grad = None
+    refs[BAD] = torch.ones(refs[BAD].numel() - 1, device=device)
+    return params, refs, {}, IDX
+
+
+def case_refgrad_numel_mismatch(params, refs, device, gen):
+    other = [torch.empty_like(p) for p in params]
+    other[BAD] = torch.empty(params[BAD].numel() + 3, device=device)
+    for o in other:
+        o.grad = torch.ones_like(o)
+    rg = agem_fast.ReferenceGradient(other).capture_(other)
+    return params, rg, {}, IDX
+
+
+def case_grad_on_other_device(params, refs, device, gen):
+    params[BAD] = _meta_param(SHAPES[BAD])
+    refs[BAD] = torch.empty(SHAPES[BAD], device="meta")
+    return params, refs, {}, IDX
+
+
+def case_grad_on_other_device_ref_local(params, refs, device, gen):
+    params[BAD] = _meta_param(SHAPES[BAD])
+    return params, refs, {}, IDX
+
+
+def case_ref_on_other_device(params, refs, device, gen):
+    refs[BAD] = torch.empty(SHAPES[BAD], device="meta")
+    return params, refs, {}, IDX
+
+
+def case_ref_only_on_other_device(params, refs, device, gen):
+    params[BAD].grad = None
+    refs[BAD] = torch.empty(SHAPES[BAD], device="meta")
+    return params, refs, {}, IDX
+
+
+def case_int_grad(params, refs, device, gen):
+    params[BAD] = _typed_param(SHAPES[BAD], torch.int32, device, gen)
+    return params, refs, {}, IDX
+
+
+def case_complex_grad(params, refs, device, gen):
+    params[BAD] = _typed_param(SHAPES[BAD], torch.complex64, device, gen)
+    refs[BAD] = refs[BAD].to(torch.complex64)
+    return params, refs, {}, IDX
+
+
+def case_int_ref(params, refs, device, gen):
+    refs[BAD] = torch.randint(1, 9, SHAPES[BAD], generator=gen).to(device)
+    return params, refs, {}, IDX
+
+
+def case_int_ref_only(params, refs, device, gen):
+    params[BAD].grad = None
+    refs[BAD] = torch.randint(1, 9, SHAPES[BAD], generator=gen).to(device)
+    return params, refs, {}, IDX
+
+
+def case_complex_ref(params, refs, device, gen):
+    refs[BAD] = refs[BAD].to(torch.complex64)
+    return params, refs, {}, IDX
+
+
+def case_sparse_grad(params, refs, device, gen):
+    p = torch.empty(SHAPES[BAD], device=device)
+    p.grad = params[BAD].grad.to_sparse()
+    params[BAD] = p
+    return params, refs, {}, IDX
+
+
+def case_sparse_ref(params, refs, device, gen):
+    refs[BAD] = refs[BAD].to_sparse()
+    return params, refs, {}, IDX
+
+
+def case_sparse_flat(params, refs, device, gen):
+    flat = torch.cat([r.reshape(-1) for r in refs]).to_sparse()
+    return params, flat, {}, r"(?i)sparse"
+
+
+def case_flat_too_long(params, refs, device, gen):
+    flat = torch.cat([r.reshape(-1) for r in refs] + [torch.ones(1, device=device)])
+    return params, flat, {}, f"{TOTAL + 1}.*{TOTAL}|{TOTAL}.*{TOTAL + 1}"
+
+
+def case_flat_too_short(params, refs, device, gen):
+    flat = torch.cat([r.reshape(-1) for r in refs])[:-1]
+    return params, flat, {}, f"{TOTAL - 1}.*{TOTAL}|{TOTAL}.*{TOTAL - 1}"
+
+
+def case_flat_not_1d(params, refs, device, gen):
+    flat = torch.cat([r.reshape(-1) for r in refs]).reshape(1, TOTAL)
+    return params, flat, {}, r"(?i)1-?d|dim|shape"
+
+
+def case_ref_dtype_mismatch(params, refs, device, gen):
+    refs[BAD] = refs[BAD].double()
+    return params, refs, {}, IDX
+
+
+def case_flat_dtype_mismatch(params, refs, device, gen):
+    # params 0, 1 are float64 like the flat vector; params 2, 3 are float32
+    for i in (0, 1):
+        p = torch.empty(SHAPES[i], dtype=torch.float64, device=device)
+        p.grad = params[i].grad.double()
+        params[i] = p
+        refs[i] = refs[i].double()
+    flat = torch.cat([r.double().reshape(-1) for r in refs])
+    return params, flat, {}, IDX
+
+
+def case_refgrad_dtype_mismatch(params, refs, device, gen):
+    other = [torch.empty_like(p) for p in params]
+    other[BAD] = torch.empty(SHAPES[BAD], dtype=torch.float64, device=device)
+    for o in other:
+        o.grad = torch.ones_like(o)
+    rg = agem_fast.ReferenceGradient(other).capture_(other)
+    return params, rg, {}, IDX
+
+
+def case_non_tensor_param(params, refs, device, gen):
+    params[BAD] = [1.0, 2.0]
+    return params, refs, {}, IDX
+
+
+def case_non_tensor_ref(params, refs, device, gen):
+    refs[BAD] = refs[BAD].cpu().numpy() if device.type == "cpu" else 3.0
+    return params, refs, {}, IDX
+
+
+def case_scalar_ref(params, refs, device, gen):
+    refs[BAD] = 0.5
+    return params, refs, {}, IDX
+
+
+def case_ref_grad_wrong_type(params, refs, device, gen):
+    return params, {"weight": refs[0]}, {}, r"(?i)ref"
+
+
+def case_eps_negative(params, refs, device, gen):
+    return params, refs, {"eps": -1e-3}, r"(?i)eps"
+
+
+def case_eps_nan(params, refs, device, gen):
+    return params, refs, {"eps": float("nan")}, r"(?i)eps"
+
+
+def case_eps_string(params, refs, device, gen):
+    return params, refs, {"eps": "0.1"}, r"(?i)eps"
+
+
+def case_eps_none(params, refs, device, gen):
+    return params, refs, {"eps": None}, r"(?i)eps"
+
+
+CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_raises_and_changes_nothing(name, backend, device):
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    params, refs = valid_problem(device)
+    params, ref_arg, kwargs, pattern = CASES[name](list(params), list(refs), device, gen)
+
+    # what must survive: every grad object, its bits, and every reference
+    grads = [p.grad if isinstance(p, torch.Tensor) else None for p in params]
+    g_bits = [None if g is None or g.is_sparse or g.device.type == "meta" else bits(g) for g in grads]
+    ref_list = ref_arg if isinstance(ref_arg, list) else []
+    r_bits = [bits(r) if isinstance(r, torch.Tensor) and r.layout == torch.strided and r.device.type != "meta"
+              else None for r in ref_list]
+
+    with pytest.raises((ValueError, TypeError)) as info:
+        agem_fast.project_(params, ref_arg, **kwargs)
+    msg = str(info.value)
+    assert re.search(pattern, msg), f"message does not say what/where: {msg!r} (wanted /{pattern}/)"
+
+    for i, (p, g, b) in enumerate(zip(params, grads, g_bits)):
+        if not isinstance(p, torch.Tensor):
+            continue
+        assert p.grad is g, f"params[{i}].grad was replaced"
+        if b is not None:
+            assert torch.equal(bits(p.grad), b), f"params[{i}].grad changed by a call that raised"
+    for i, (r, b) in enumerate(zip(ref_list, r_bits)):
+        if b is not None:
+            assert torch.equal(bits(r), b), f"ref_grad[{i}] changed by a call that raised"
+
+
+def test_valid_problem_projects(backend, device):
+    """Sanity of the fixture itself: unbroken, it projects and changes every gradient,
+    so the atomicity checks above are meaningful."""
+    params, refs = valid_problem(device)
+    before = [p.grad.clone() for p in params]
+    res = agem_fast.project_(params, refs)
+    assert bool(res.projected)
+    for p, b in zip(params, before):
+        assert not torch.equal(p.grad, b)
+
+
+@pytest.mark.parametrize("name", ["flat_dtype_mismatch", "refgrad_dtype_mismatch", "sparse_grad"])
+def test_earlier_entries_are_valid(name, backend, device):
+    """The cases that rebuild entries keep entries 0, 1 valid: fixing entry 2 makes the
+    call succeed (so the error really is about entry 2)."""
+    gen = torch.Generator().manual_seed(1)
+    params, refs = valid_problem(device)
+    params, ref_arg, kwargs, _ = CASES[name](list(params), list(refs), device, gen)
+    if name == "flat_dtype_mismatch":
+        for i in (2, 3):
+            p = torch.empty(SHAPES[i], dtype=torch.float64, device=device)
+            p.grad = params[i].grad.double()
+            params[i] = p
+    elif name == "refgrad_dtype_mismatch":
+        ref_arg = agem_fast.ReferenceGradient(params).capture_(params)
+    else:
+        params[BAD].grad = params[BAD].grad.to_dense()
+    res = agem_fast.project_(params, ref_arg, **kwargs)
+    assert res.dot.dim() == 0
+
+
+def test_bad_entry_first_is_also_rejected(backend, device):
+    """Error at index 0 names index 0 (the index is the real one, not a constant)."""
+    params, refs = valid_problem(device)
+    refs[0] = torch.ones(refs[0].numel() + 1, device=device)
+    with pytest.raises(ValueError, match=r"\[0\]|\b0\b"):
+        agem_fast.project_(params, refs)
+    params, refs = valid_problem(device)
+    refs[3] = refs[3].double()
+    with pytest.raises(TypeError, match=r"\[3\]|\b3\b"):
+        agem_fast.project_(params, refs)
