@@ -221,7 +221,8 @@ class AGEMPlugin(_PluginBase):
     # ------------------------------------------------------------------ state
     def _init_transient(self) -> None:
         self._reference: Optional[ReferenceGradient] = None
-        self._reference_key: Optional[list] = None
+        self._reference_params: List[torch.Tensor] = []
+        self._reference_shapes: List[torch.Size] = []
         self._numels: List[int] = []
         self._reference_ready = False
 
@@ -232,10 +233,12 @@ class AGEMPlugin(_PluginBase):
 
     @property
     def reference_gradients(self) -> torch.Tensor:
-        """Last reference gradient in Avalanche's flat layout (a copy where needed).
+        """Last reference gradient in Avalanche's flat layout.
 
         Parameters that had no gradient contribute zeros, as in Avalanche. An empty
-        tensor before the first reference pass.
+        tensor before the first reference pass. When every parameter had a gradient
+        this is a view of the internal buffer, overwritten by the next reference
+        pass (clone it to keep it); otherwise a fresh concatenation.
         """
         ref = self.reference_gradient
         if ref is None:
@@ -268,7 +271,8 @@ class AGEMPlugin(_PluginBase):
             "memory": self.memory,
             "buffers": buffers,
             "cursors": list(self._cursors),
-            "collate_fn": self._collate_fn,
+            # memory="tensor" keeps the state plain tensors (torch.load weights_only=True)
+            "collate_fn": self._collate_fn if self.memory == "dataset" else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -293,7 +297,8 @@ class AGEMPlugin(_PluginBase):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_reference", "_reference_key", "_numels", "_reference_ready"):
+        for key in ("_reference", "_reference_params", "_reference_shapes", "_numels",
+                    "_reference_ready"):
             state.pop(key, None)
         return state
 
@@ -307,9 +312,12 @@ class AGEMPlugin(_PluginBase):
         self._reference_ready = False
         if len(self.buffers) == 0:
             return
-        device = torch.device(strategy.device)
-        self._to_device(device)
         model = strategy.model
+        device = getattr(strategy, "device", None)
+        if device is None:
+            device = next(model.parameters()).device
+        device = torch.device(device)
+        self._to_device(device)
         model.train()
         strategy.optimizer.zero_grad()
         mb = self.sample_from_memory()
@@ -346,8 +354,10 @@ class AGEMPlugin(_PluginBase):
 
         memory="tensor": tensors on the memory's device. memory="dataset": the
         dataset's collate output (CPU tensors, as Avalanche's loader gives).
-        None when every stored experience is empty.
+        None when the memory is empty (or every stored experience is).
         """
+        if not self.buffers:
+            return None
         per_exp = self.sample_size // len(self.buffers)
         ranges = []
         for k, buf in enumerate(self.buffers):
@@ -452,11 +462,22 @@ class AGEMPlugin(_PluginBase):
                 buf.to(device)
 
     def _reference_for(self, params: List[torch.Tensor]) -> ReferenceGradient:
-        """The ReferenceGradient for these parameters, allocated once per parameter set."""
-        key = [(p.shape, p.dtype, p.device, p.stride()) for p in params]
-        if self._reference is None or key != self._reference_key:
+        """The ReferenceGradient for these parameters, allocated once per parameter set.
+
+        Reallocated only when the parameters change (a new head, a resized tensor).
+        """
+        same = (
+            self._reference is not None
+            and len(params) == len(self._reference_params)
+            and all(
+                p is q and p.shape == s
+                for p, q, s in zip(params, self._reference_params, self._reference_shapes)
+            )
+        )
+        if not same:
             self._reference = ReferenceGradient(params)
-            self._reference_key = key
+            self._reference_params = list(params)
+            self._reference_shapes = [p.shape for p in params]
             self._numels = [p.numel() for p in params]
         return self._reference
 

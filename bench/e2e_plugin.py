@@ -227,9 +227,17 @@ def main(argv=None):
     table = markdown(rounds, variants)
     if len(rounds) > 1 and "avalanche" in variants:
         med = {v: float(np.median([r[v]["total_s"] for r in rounds])) for v in variants}
-        lines = ["", f"Median over {len(rounds)} rounds", "",
-                 "| variant | median total s | x avalanche |", "|---|---:|---:|"]
-        lines += [f"| {v} | {med[v]:.3f} | {med[v] / med['avalanche']:.2f} |" for v in variants]
+        low = {v: float(np.min([r[v]["total_s"] for r in rounds])) for v in variants}
+        cpu = {v: float(np.median([r[v]["cpu_s"] for r in rounds])) for v in variants}
+        lines = ["", f"Over {len(rounds)} rounds", "",
+                 "| variant | median total s | x avalanche | min total s | x avalanche "
+                 "| median process CPU s | x avalanche |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"| {v} | {med[v]:.3f} | {med[v] / med['avalanche']:.2f} | {low[v]:.3f} | "
+            f"{low[v] / low['avalanche']:.2f} | {cpu[v]:.3f} | {cpu[v] / cpu['avalanche']:.2f} |"
+            for v in variants
+        ]
         table += "\n" + "\n".join(lines)
     device = torch.device("cpu")
     env = {

@@ -549,7 +549,8 @@ def test_checkpoint_resume_is_identical(memory, how):
     if how == "state_dict":
         torch.save({"plugin": plugin.state_dict(), "model": model.state_dict()}, buf)
         buf.seek(0)
-        ckpt = torch.load(buf, weights_only=False)
+        # memory="tensor" state is plain tensors: loadable with weights_only=True
+        ckpt = torch.load(buf, weights_only=memory == "tensor")
         restored = AGEMPlugin(30, 21, memory=memory)
         restored.load_state_dict(ckpt["plugin"])
     else:
@@ -568,6 +569,32 @@ def test_checkpoint_resume_is_identical(memory, how):
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_sample_from_empty_memory_and_device_fallback():
+    plugin = AGEMPlugin(4, 4)
+    assert plugin.sample_from_memory() is None
+    plugin.update_memory(make_dataset(torch.randn(6, 3), torch.arange(6) % 2))
+    model = nn.Linear(3, 2)
+    strategy = fake_strategy(model)
+    del strategy.device  # a custom loop without `device`: the model's device is used
+    plugin.before_training_iteration(strategy)
+    assert plugin.reference_gradients.shape == (8,)
+
+
+def test_reference_gradient_reallocated_when_parameters_change():
+    plugin = AGEMPlugin(4, 4)
+    plugin.update_memory(make_dataset(torch.randn(6, 3), torch.arange(6) % 2))
+    model = nn.Sequential(nn.Linear(3, 2))
+    strategy = fake_strategy(model)
+    plugin.before_training_iteration(strategy)
+    first = plugin.reference_gradient
+    model[0] = nn.Linear(3, 2)  # new parameters (e.g. a new head), same shapes
+    strategy.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plugin.before_training_iteration(strategy)
+    assert plugin.reference_gradient is not first
+    model(torch.randn(2, 3)).sum().backward()
+    plugin.after_backward(strategy)
 
 
 def test_load_state_dict_rejects_other_configuration():
@@ -672,7 +699,7 @@ def test_import_and_custom_loop_without_avalanche():
                 assert getattr(p, name)(None) is None
         """
     ) + README_EXAMPLE
-    env = dict(os.environ, AGEM_FAST_BACKEND="torch")
+    env = dict(os.environ, AGEM_FAST_BACKEND="torch", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=120)
     assert res.returncode == 0, res.stderr
