@@ -67,11 +67,20 @@ def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, grou
     device tensors; no host sync. Raises ValueError/TypeError, naming the parameter
     index, before any gradient is written.
     """
-    if group is not None:
-        raise NotImplementedError("sharded projection (group=...) is not implemented yet")
-    plan = make_plan(params, ref_grad, eps)
+    plan = make_plan(params, ref_grad, eps, sharded=group is not None)
     if backend_for(plan.device) == "torch":
-        return _torch_backend.project(plan)
-    from . import _extension
+        backend = _torch_backend
+    else:
+        from . import _extension as backend
+    if group is None:
+        return backend.project(plan)
+    # Each rank holds a shard: sum the partial (dot, rr) over the group (one small
+    # collective, stream-ordered, no host sync), then decide and update locally.
+    import torch.distributed as dist
 
-    return _extension.project(plan)
+    sums = backend.sums(plan)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    dot, rr = sums[0], sums[1]
+    coef, projected = _torch_backend.decide(dot, rr, plan.eps)
+    backend.apply(plan, coef, projected)
+    return Projection(dot, rr, coef, projected)

@@ -89,6 +89,15 @@ def _register_fake() -> None:
         return (torch.empty((), **f64), torch.empty((), **f64), torch.empty((), **f64),
                 torch.empty((), dtype=torch.bool, device=device))
 
+    @torch.library.register_fake("agem_fast::sums")
+    def _(grads, refs, ref_only):
+        device = grads[0].device if grads else ref_only[0].device
+        return torch.empty(2, dtype=torch.float64, device=device)
+
+    @torch.library.register_fake("agem_fast::apply_")
+    def _(grads, refs, coef, projected):
+        return None
+
     _fake_registered = True
 
 
@@ -104,10 +113,9 @@ def status() -> dict:
     return {k: v for k, v in _state.items() if k not in ("module", "attempted")}
 
 
-def project(plan: Plan):
-    """Run the fused op. Pairs the kernels cannot walk as flat memory are staged."""
-    from ._api import Projection
-
+def _prepare(plan: Plan):
+    """Lists for the ops. Pairs the kernels cannot walk as flat memory are staged:
+    returns (grads, refs, ref_only, copy_back) with copy_back = [(grad, staged copy)]."""
     grads, refs, copy_back = [], [], []
     for g, r in zip(plan.grads, plan.refs):
         if not same_dense_layout(g, r):
@@ -119,7 +127,14 @@ def project(plan: Plan):
         grads.append(g)
         refs.append(r)
     ref_only = [r if dense_flat(r) is not None else r.contiguous() for r in plan.ref_only]
+    return grads, refs, ref_only, copy_back
 
+
+def project(plan: Plan):
+    """The fused op: both passes and the decision, in one call."""
+    from ._api import Projection
+
+    grads, refs, ref_only, copy_back = _prepare(plan)
     if not grads and not ref_only:
         zero = torch.zeros((), dtype=torch.float64, device=plan.device)
         return Projection(zero, zero.clone(), zero.clone(),
@@ -128,6 +143,23 @@ def project(plan: Plan):
     for g, staged in copy_back:
         g.copy_(staged)
     return Projection(dot, rr, coef, projected)
+
+
+def sums(plan: Plan) -> torch.Tensor:
+    """Pass 1 only: float64 tensor [dot, rr] (for the sharded path)."""
+    grads, refs, ref_only, _ = _prepare(plan)
+    if not grads and not ref_only:
+        return torch.zeros(2, dtype=torch.float64, device=plan.device)
+    return torch.ops.agem_fast.sums(grads, refs, ref_only)
+
+
+def apply(plan: Plan, coef: torch.Tensor, projected: torch.Tensor) -> None:
+    """Pass 2 only, gated on the device-side `projected` flag."""
+    grads, refs, _, copy_back = _prepare(plan)
+    if grads:
+        torch.ops.agem_fast.apply_(grads, refs, coef, projected)
+    for g, staged in copy_back:
+        g.copy_(staged)
 
 
 def build_info() -> Optional[dict]:

@@ -54,20 +54,38 @@ def _refs_from_flat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[
         raise ValueError(
             f"ref_grad tensor must be 1-D (Avalanche's flat layout), got shape {tuple(flat.shape)}"
         )
-    total = sum(p.numel() for p in params)
+    total = sum(_local_numel(p) for p in params)
     if flat.numel() != total:
         raise ValueError(
             f"flat ref_grad has {flat.numel()} elements but the parameters have {total} in total"
         )
     views, offset = [], 0
     for p in params:
-        n = p.numel()
+        n = _local_numel(p)
         views.append(flat.narrow(0, offset, n))
         offset += n
     return views
 
 
-def make_plan(params, ref_grad, eps) -> Plan:
+def _local_shard(t: torch.Tensor, what: str, sharded: bool) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the DTensor); else t."""
+    placements = getattr(t, "placements", None)
+    if placements is None or not hasattr(t, "to_local"):
+        return t
+    if not sharded:
+        raise ValueError(f"{what} is a DTensor: pass group= (its mesh's process group) to project_")
+    if not all(pl.is_shard() for pl in placements):
+        raise ValueError(f"{what} is a DTensor with placements {placements}; only Shard placements "
+                         "are supported (a replicated piece would be counted once per rank)")
+    return t.to_local()
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    """Elements this rank holds of p (a DTensor parameter holds only its shard)."""
+    return p.to_local().numel() if getattr(p, "placements", None) is not None else p.numel()
+
+
+def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
     """Validate everything and build the Plan. Raises before touching any gradient."""
     from ._reference import ReferenceGradient  # local: avoids an import cycle
 
@@ -106,6 +124,8 @@ def make_plan(params, ref_grad, eps) -> Plan:
     for i, (p, r) in enumerate(zip(params, refs)):
         g = p.grad
         if g is not None:
+            if type(g) is not torch.Tensor:
+                g = _local_shard(g, f"params[{i}].grad", sharded)
             if g.layout is not strided or g.dtype not in supported:
                 _check_tensor(g, f"params[{i}].grad")
             g_device = g.device
@@ -115,8 +135,10 @@ def make_plan(params, ref_grad, eps) -> Plan:
                 raise ValueError(f"params[{i}].grad is on {g_device}, other gradients are on {device}")
         if r is None:
             continue
-        if not isinstance(r, torch.Tensor):
-            raise TypeError(f"ref_grad[{i}] is a {type(r).__name__}, expected a torch.Tensor or None")
+        if type(r) is not torch.Tensor:
+            if not isinstance(r, torch.Tensor):
+                raise TypeError(f"ref_grad[{i}] is a {type(r).__name__}, expected a torch.Tensor or None")
+            r = _local_shard(r, f"ref_grad[{i}]", sharded)
         if r.layout is not strided or r.dtype not in supported:
             _check_tensor(r, f"ref_grad[{i}]")
         r_device = r.device
@@ -125,8 +147,10 @@ def make_plan(params, ref_grad, eps) -> Plan:
         elif r_device != device:
             raise ValueError(f"ref_grad[{i}] is on {r_device}, the gradients are on {device}")
         if g is None:
-            if r.numel() != p.numel():
-                raise ValueError(f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {p.numel()}")
+            if r.numel() != _local_numel(p):
+                raise ValueError(
+                    f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {_local_numel(p)}"
+                )
             ref_only.append(r)
             continue
         if r.dtype is not g.dtype:

@@ -96,15 +96,26 @@ def project(plan: Plan):
 
     dot, rr = _sums(plan)
     coef, projected = decide(dot, rr, plan.eps)
-    if plan.grads:
-        if plan.device.type == "cpu" and not torch.compiler.is_compiling():
-            # On the CPU reading the flag costs nothing, and skipping saves a full pass
-            # (but a compiled graph cannot branch on it).
-            if bool(projected):
-                _update_cpu(plan, float(coef))
-        else:
-            _update_device(plan, coef, projected)
+    apply(plan, coef, projected)
     return Projection(dot, rr, coef, projected)
+
+
+def sums(plan: Plan) -> torch.Tensor:
+    """Pass 1 only: float64 tensor [dot, rr] (for the sharded path)."""
+    return torch.stack(_sums(plan))
+
+
+def apply(plan: Plan, coef: torch.Tensor, projected: torch.Tensor) -> None:
+    """Pass 2: g -= coef * r where projected, else every g left bit-identical."""
+    if not plan.grads:
+        return
+    if plan.device.type == "cpu" and not torch.compiler.is_compiling():
+        # On the CPU reading the flag costs nothing, and skipping saves a full pass
+        # (but a compiled graph cannot branch on it).
+        if bool(projected):
+            _update_cpu(plan, float(coef))
+    else:
+        _update_device(plan, coef, projected)
 
 
 def _update_cpu(plan: Plan, coef: float) -> None:

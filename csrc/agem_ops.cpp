@@ -36,11 +36,20 @@ at::Device op_device(at::TensorList grads, at::TensorList ref_only) {
   return ref_only[0].device();
 }
 
+void check_decision(const at::Tensor& coef, const at::Tensor& projected, at::DeviceType device) {
+  TORCH_CHECK_VALUE(coef.dim() == 0 && coef.scalar_type() == at::kDouble && coef.device().type() == device,
+                    "agem_fast: coef must be a 0-dim float64 tensor on ", device);
+  TORCH_CHECK_VALUE(projected.dim() == 0 && projected.scalar_type() == at::kBool &&
+                        projected.device().type() == device,
+                    "agem_fast: projected must be a 0-dim bool tensor on ", device);
+}
+
 Table build_table(at::TensorList grads, at::TensorList refs, at::TensorList ref_only) {
   TORCH_CHECK_VALUE(grads.size() == refs.size(), "agem_fast: ", grads.size(), " grads but ",
                     refs.size(), " refs");
-  const at::Device device = op_device(grads, ref_only);
   Table table;
+  if (grads.empty() && ref_only.empty()) return table;
+  const at::Device device = op_device(grads, ref_only);
   table.entries.reserve(grads.size() + ref_only.size());
   int64_t chunk = 0;
   auto add = [&](void* g, const at::Tensor& r, int32_t code) {
@@ -84,10 +93,14 @@ TORCH_LIBRARY(agem_fast, m) {
   m.def(
       "project_(Tensor(a!)[] grads, Tensor[] refs, Tensor[] ref_only, float eps) -> "
       "(Tensor dot, Tensor ref_sq_norm, Tensor coef, Tensor projected)");
+  m.def("sums(Tensor[] grads, Tensor[] refs, Tensor[] ref_only) -> Tensor");
+  m.def("apply_(Tensor(a!)[] grads, Tensor[] refs, Tensor coef, Tensor projected) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(agem_fast, CPU, m) {
   m.impl("project_", &agem_fast::project_cpu);
+  m.impl("sums", &agem_fast::sums_cpu);
+  m.impl("apply_", &agem_fast::apply_cpu);
 }
 
 #ifdef TORCH_EXTENSION_NAME

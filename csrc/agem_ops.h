@@ -26,7 +26,15 @@ Table build_table(at::TensorList grads, at::TensorList refs, at::TensorList ref_
 // Device of the first tensor of the op's lists (they are checked to agree).
 at::Device op_device(at::TensorList grads, at::TensorList ref_only);
 
+// Checks the (coef, projected) pair given to apply_: 0-dim float64 and bool on `device`.
+void check_decision(const at::Tensor& coef, const at::Tensor& projected, at::DeviceType device);
+
+// The three ops: project_ = sums + decide + apply_ in one call; sums and apply_ let a
+// sharded caller all-reduce (dot, rr) between the two passes.
 ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
                           double eps);
+at::Tensor sums_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only);
+void apply_cpu(at::TensorList grads, at::TensorList refs, const at::Tensor& coef,
+               const at::Tensor& projected);
 
 }  // namespace agem_fast

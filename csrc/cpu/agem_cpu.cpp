@@ -69,12 +69,12 @@ void dispatch_dtype(int32_t code, Fn&& fn) {
 
 }  // namespace
 
-ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
-                          double eps) {
-  const Table table = build_table(grads, refs, ref_only);
+namespace {
+
+// Pass 1: (dot, rr) over every chunk, summed in chunk order in fp64.
+std::pair<double, double> table_sums(const Table& table) {
   const TensorEntry* entries = table.entries.data();
   const int64_t n_entries = static_cast<int64_t>(table.entries.size());
-
   std::vector<double> partial(2 * table.total_chunks);
   at::parallel_for(0, table.total_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -92,32 +92,58 @@ ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorL
       });
     }
   });
-
   double dot = 0.0, rr = 0.0;
   for (int64_t c = 0; c < table.total_chunks; ++c) {
     dot += partial[2 * c];
     rr += partial[2 * c + 1];
   }
+  return {dot, rr};
+}
+
+// Pass 2: g <- g - coef * r over the pairs' chunks.
+void table_update(const Table& table, double coef) {
+  const TensorEntry* entries = table.entries.data();
+  const int64_t n_entries = static_cast<int64_t>(table.entries.size());
+  at::parallel_for(0, table.pair_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const TensorEntry& e = entries[find_entry(entries, n_entries, c)];
+      const ChunkRange cr = chunk_range(e, c);
+      dispatch_dtype(e.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        chunk_update<T>(static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
+                        cr.end - cr.begin, coef);
+      });
+    }
+  });
+}
+
+}  // namespace
+
+ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
+                          double eps) {
+  const Table table = build_table(grads, refs, ref_only);
+  const auto [dot, rr] = table_sums(table);
   double coef = 0.0;
   const bool projected = decide(dot, rr, eps, &coef);
-
-  if (projected) {
-    at::parallel_for(0, table.pair_chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const TensorEntry& e = entries[find_entry(entries, n_entries, c)];
-        const ChunkRange cr = chunk_range(e, c);
-        dispatch_dtype(e.dtype, [&](auto tag) {
-          using T = decltype(tag);
-          chunk_update<T>(static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
-                          cr.end - cr.begin, coef);
-        });
-      }
-    });
-  }
-
+  if (projected) table_update(table, coef);
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   return {at::scalar_tensor(dot, f64), at::scalar_tensor(rr, f64), at::scalar_tensor(coef, f64),
           at::scalar_tensor(projected, at::TensorOptions().dtype(at::kBool))};
+}
+
+at::Tensor sums_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only) {
+  const auto [dot, rr] = table_sums(build_table(grads, refs, ref_only));
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
+  out.data_ptr<double>()[0] = dot;
+  out.data_ptr<double>()[1] = rr;
+  return out;
+}
+
+void apply_cpu(at::TensorList grads, at::TensorList refs, const at::Tensor& coef,
+               const at::Tensor& projected) {
+  check_decision(coef, projected, at::kCPU);
+  const Table table = build_table(grads, refs, {});
+  if (projected.item<bool>()) table_update(table, coef.item<double>());
 }
 
 }  // namespace agem_fast

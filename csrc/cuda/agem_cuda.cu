@@ -266,15 +266,20 @@ std::vector<at::Tensor> captured_tables;
 
 }  // namespace
 
-ProjectResult project_cuda(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
-                           double eps) {
-  const Table table = build_table(grads, refs, ref_only);
-  const at::Device device = op_device(grads, ref_only);
-  const c10::cuda::CUDAGuard guard(device);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+namespace {
 
-  // Workspace: [table | ticket | per-chunk partials]. Table and zeroed ticket go up in
-  // one copy from pinned memory; the partials are written by pass 1 before being read.
+// The table on the device, in a workspace [table | ticket | per-chunk partials]. Table
+// and zeroed ticket go up in one copy from pinned memory (stream-ordered, no host
+// sync); the partials are written by pass 1 before being read.
+struct DeviceTable {
+  at::Tensor workspace;
+  const TensorEntry* entries;
+  int64_t n_entries;
+  unsigned int* ticket;
+  double2* partials;
+};
+
+DeviceTable upload(const Table& table, const at::Device& device) {
   const int64_t n_entries = static_cast<int64_t>(table.entries.size());
   const int64_t table_bytes = n_entries * static_cast<int64_t>(sizeof(TensorEntry));
   const int64_t ticket_off = round_up(table_bytes, 16);
@@ -288,35 +293,87 @@ ProjectResult project_cuda(at::TensorList grads, at::TensorList refs, at::Tensor
   ws.narrow(0, 0, partials_off).copy_(host, /*non_blocking=*/true);
 
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()), &capture));
   if (capture != cudaStreamCaptureStatusNone) {
     std::lock_guard<std::mutex> lock(captured_mutex);
     captured_tables.push_back(host);
   }
-
   uint8_t* base = ws.data_ptr<uint8_t>();
-  const auto* entries = reinterpret_cast<const TensorEntry*>(base);
-  auto* ticket = reinterpret_cast<unsigned int*>(base + ticket_off);
-  auto* partials = reinterpret_cast<double2*>(base + partials_off);
+  return {ws, reinterpret_cast<const TensorEntry*>(base), n_entries,
+          reinterpret_cast<unsigned int*>(base + ticket_off),
+          reinterpret_cast<double2*>(base + partials_off)};
+}
 
-  at::Tensor out = at::empty({3}, at::TensorOptions().dtype(at::kDouble).device(device));
-  at::Tensor flag = at::empty({}, at::TensorOptions().dtype(at::kBool).device(device));
-  double* out_ptr = out.data_ptr<double>();
-  bool* flag_ptr = flag.data_ptr<bool>();
-
+// Pass 1 into out[0..2] (dot, rr, coef) and *flag.
+void launch_reduce(const Table& table, const DeviceTable& dt, const at::Device& device,
+                   double* out, bool* flag, double eps) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   reduce_kernel<<<grid_for(table.total_chunks, device.index()), kThreads, 0, stream>>>(
-      entries, n_entries, table.total_chunks, partials, ticket, out_ptr, flag_ptr, eps);
+      dt.entries, dt.n_entries, table.total_chunks, dt.partials, dt.ticket, out, flag, eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (table.pair_chunks > 0) {
-    update_kernel<<<grid_for(table.pair_chunks, device.index()), kThreads, 0, stream>>>(
-        entries, n_entries, table.pair_chunks, out_ptr + 2, flag_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+}
+
+// Pass 2, gated on the device-side flag.
+void launch_update(const Table& table, const DeviceTable& dt, const at::Device& device,
+                   const double* coef, const bool* flag) {
+  if (table.pair_chunks == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  update_kernel<<<grid_for(table.pair_chunks, device.index()), kThreads, 0, stream>>>(
+      dt.entries, dt.n_entries, table.pair_chunks, coef, flag);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor new_f64(int64_t n, const at::Device& device) {
+  return at::empty({n}, at::TensorOptions().dtype(at::kDouble).device(device));
+}
+
+at::Tensor new_flag(const at::Device& device) {
+  return at::empty({}, at::TensorOptions().dtype(at::kBool).device(device));
+}
+
+}  // namespace
+
+ProjectResult project_cuda(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
+                           double eps) {
+  const Table table = build_table(grads, refs, ref_only);
+  const at::Device device = op_device(grads, ref_only);
+  const c10::cuda::CUDAGuard guard(device);
+  const DeviceTable dt = upload(table, device);
+  at::Tensor out = new_f64(3, device);
+  at::Tensor flag = new_flag(device);
+  launch_reduce(table, dt, device, out.data_ptr<double>(), flag.data_ptr<bool>(), eps);
+  launch_update(table, dt, device, out.data_ptr<double>() + 2, flag.data_ptr<bool>());
   return {out.select(0, 0), out.select(0, 1), out.select(0, 2), flag};
+}
+
+at::Tensor sums_cuda(at::TensorList grads, at::TensorList refs, at::TensorList ref_only) {
+  const Table table = build_table(grads, refs, ref_only);
+  const at::Device device = op_device(grads, ref_only);
+  const c10::cuda::CUDAGuard guard(device);
+  const DeviceTable dt = upload(table, device);
+  at::Tensor out = new_f64(3, device);  // [2] is a coef for eps = 0, unused here
+  at::Tensor flag = new_flag(device);
+  launch_reduce(table, dt, device, out.data_ptr<double>(), flag.data_ptr<bool>(), 0.0);
+  return out.narrow(0, 0, 2);
+}
+
+void apply_cuda(at::TensorList grads, at::TensorList refs, const at::Tensor& coef,
+                const at::Tensor& projected) {
+  check_decision(coef, projected, at::kCUDA);
+  if (grads.empty()) return;
+  const Table table = build_table(grads, refs, {});
+  const at::Device device = op_device(grads, {});
+  TORCH_CHECK_VALUE(coef.device() == device && projected.device() == device,
+                    "agem_fast: coef and projected must be on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const DeviceTable dt = upload(table, device);
+  launch_update(table, dt, device, coef.data_ptr<double>(), projected.data_ptr<bool>());
 }
 
 }  // namespace agem_fast
 
 TORCH_LIBRARY_IMPL(agem_fast, CUDA, m) {
   m.impl("project_", &agem_fast::project_cuda);
+  m.impl("sums", &agem_fast::sums_cuda);
+  m.impl("apply_", &agem_fast::apply_cuda);
 }

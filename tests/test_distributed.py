@@ -1,0 +1,125 @@
+"""Two gloo processes on CPU: replicated (DDP) and sharded (manual split, DTensor) grads."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import agem_fast
+from oracle import check_call, oracle
+
+WORLD = 2
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _full_problem(seed=7):
+    """The same parameters, grads and refs on every rank (seeded); projecting."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (6,), (4, 6), (4,), (3, 4), (9,), (2, 3, 4)]
+    refs = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) - 0.8 * r for s, r in zip(shapes, refs)]
+    return grads, refs
+
+
+def _worker(rank, port, case, backend, errors):
+    os.environ["AGEM_FAST_BACKEND"] = backend
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                           world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S))
+    try:
+        {"ddp": _ddp, "split": _split, "dtensor": _dtensor}[case](rank)
+    except BaseException as exc:  # reported by the parent
+        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp(rank):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
+    ddp(torch.randn(4, 5, generator=gen)).square().sum().backward()
+    params = list(model.parameters())
+    refs = [-p.grad + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3))
+            for p in params]  # same on both ranks: grads are already averaged
+    before = [p.grad.clone() for p in params]
+    res = agem_fast.project_(params, refs)
+    check_call(res, oracle(before, refs), [p.grad for p in params], before, torch.device("cpu"))
+    assert bool(res.projected)
+    # identical on every rank, bit for bit
+    mine = torch.cat([p.grad.reshape(-1) for p in params] + [torch.stack(res[:3]).float()])
+    gathered = [torch.empty_like(mine) for _ in range(WORLD)]
+    dist.all_gather(gathered, mine)
+    assert all(torch.equal(gathered[0], g) for g in gathered)
+
+
+def _split(rank):
+    grads, refs = _full_problem()
+    expected = oracle(grads, refs)
+    mine = range(rank, len(grads), WORLD)  # this rank owns every other parameter
+    params = []
+    for i in mine:
+        p = torch.nn.Parameter(torch.empty(grads[i].shape))
+        p.grad = grads[i].clone()
+        params.append(p)
+    res = agem_fast.project_(params, [refs[i] for i in mine], group=dist.group.WORLD)
+    assert bool(res.projected)
+    assert float(res.dot) == pytest.approx(expected.dot, rel=1e-6)
+    assert float(res.ref_sq_norm) == pytest.approx(expected.rr, rel=1e-6)
+    assert float(res.coef) == pytest.approx(expected.coef, rel=1e-6)
+    for p, i in zip(params, mine):
+        torch.testing.assert_close(p.grad.double(), expected.new_grads[i], rtol=1e-5, atol=1e-6)
+
+
+def _dtensor(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    grads, refs = _full_problem(seed=11)
+    expected = oracle(grads, refs)
+    params, dref = [], []
+    for g, r in zip(grads, refs):
+        p = torch.nn.Parameter(distribute_tensor(torch.zeros(g.shape), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        params.append(p)
+        dref.append(distribute_tensor(r.clone(), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="group="):
+        agem_fast.project_(params, dref)  # sharded grads without a group: refused
+    res = agem_fast.project_(params, dref, group=mesh.get_group())
+    assert bool(res.projected)
+    assert float(res.coef) == pytest.approx(expected.coef, rel=1e-6)
+    for p, want in zip(params, expected.new_grads):
+        torch.testing.assert_close(p.grad.full_tensor().double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["ddp", "split", "dtensor"])
+def test_two_gloo_processes(case, backend):
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, case, backend, errors)) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages, "\n".join(messages)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
