@@ -40,7 +40,13 @@ fp64 (fp64 inputs), and to sum in any fixed order. So:
       |g_impl - g_new| <= 1 ulp_dtype(g_new)                       final rounding
                          + UPD[a] * (|g| + |coef * r|)               fp32/fp64 math
                          + d_coef * |r|                              coef's error
-                         + tiny_dtype
+                         + tiny                                      underflow
+
+  where "tiny" is the dtype's smallest subnormal spacing plus the absolute error
+  of coef rounded to the compute precision near underflow (2^-150 * |r| for fp32
+  math, 2^-1075 * |r| for fp64). It is deliberately not the smallest *normal*
+  number: gradual underflow is part of IEEE rounding, and a flush-to-zero
+  implementation must not slip through on tiny gradients.
 
   For fp16/bf16 the first term is "within an ulp of the oracle rounded to that
   dtype"; the second is 4 units of fp32 roundoff (coef rounded to fp32, the
@@ -74,6 +80,8 @@ import torch
 RED_TOL = {torch.float64: 1e-12, torch.float32: 5e-6}
 # Relative roundoff of the update arithmetic (coef rounding, product, subtraction).
 UPD_TOL = {torch.float64: 4 * 2.0**-53, torch.float32: 4 * 2.0**-24}
+# Absolute error of coef once rounded to the compute precision, near underflow.
+COEF_UNDERFLOW = {torch.float64: 2.0**-1075, torch.float32: 2.0**-150}
 
 # Significand precision (implicit bit included) and smallest subnormal spacing.
 _PRECISION = {
@@ -278,7 +286,8 @@ def check_grad(actual: torch.Tensor, before: torch.Tensor, orc: OracleResult, i:
         with torch.no_grad():
             scale = g.abs() + (coef * r).abs()
             allowed = (ulp(torch.where(finite, exp, torch.zeros_like(exp)), dtype)
-                       + UPD_TOL[acc] * scale + d_coef * r.abs() + torch.finfo(dtype).tiny)
+                       + UPD_TOL[acc] * scale + (d_coef + COEF_UNDERFLOW[acc]) * r.abs()
+                       + _PRECISION[dtype][1])
             err = (a - exp).abs()
             bad = finite & ~(err <= allowed)
         if bad.any():

@@ -50,7 +50,7 @@ def make_model(kind: str, seed: int) -> nn.Module:
 def _rand_like(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     mag = torch.exp2(torch.rand(p.shape, generator=gen) * 6 - 3)
     sign = torch.randint(0, 2, p.shape, generator=gen).float() * 2 - 1
-    return (sign * mag * 0.01).to(p.dtype)
+    return (sign * mag * 0.01).to(device=p.device, dtype=p.dtype)
 
 
 def set_random_grads(model, gen, none_names=(), like=None, alpha=0.0):

@@ -23,7 +23,7 @@ from oracle import assert_bit_identical, bits, check_call, oracle
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GRAD_LAYOUTS = ("contig", "channels_last", "transposed", "gapped", "offset")
-REF_LAYOUTS = GRAD_LAYOUTS + ("flat1d",)
+REF_LAYOUTS = GRAD_LAYOUTS + ("flat1d", "flat1d_gapped")  # 1-D refs for any-shape params
 REF_FORMS = ("list", "flat", "refgrad")
 
 
@@ -65,6 +65,8 @@ def materialize(vals: torch.Tensor, dtype, layout: str, device, what: str = "",
         return buf.permute(perm)  # its own inverse
     if layout == "flat1d":
         return vals.reshape(-1).to(device=device, dtype=dtype)
+    if layout == "flat1d_gapped":
+        return materialize(vals.reshape(-1), dtype, "gapped", device, what, poison)
     if layout == "gapped" or (layout == "transposed" and d < 2):
         big_shape = tuple(2 * s + 1 for s in shape) if d else (5,)
         big = torch.full(big_shape, float("nan"), dtype=dtype, device=device)
@@ -98,6 +100,7 @@ class Spec:
     glayout: str = "contig"
     rlayout: str = "contig"
     scale: float = 1.0
+    alpha: Optional[float] = None  # overrides build_case's alpha for this entry
 
 
 @dataclass
@@ -120,8 +123,9 @@ def build_case(specs: List[Spec], seed: int, *, alpha: float = 0.0, ref_form: st
     for i, s in enumerate(specs):
         r = rand_values(gen, s.shape, s.scale)
         g = rand_values(gen, s.shape, s.scale)
-        if s.ref and alpha:
-            g = g + alpha * r
+        a = alpha if s.alpha is None else s.alpha
+        if s.ref and a:
+            g = g + a * r
         pfmt = torch.contiguous_format
         if s.glayout == "channels_last" and len(s.shape) in (4, 5):
             pfmt = torch.channels_last if len(s.shape) == 4 else torch.channels_last_3d
@@ -555,3 +559,44 @@ def test_projection_is_global_not_per_layer(backend, device):
     assert not torch.equal(p0.grad, g0)
     orc = oracle([g0, g1], [r0, r1])
     check_call(res, orc, [p0.grad, p1.grad], [g0, g1], device)
+
+
+# subnormal magnitudes (all elements of the second tensor), per dtype
+SUBNORMAL_SCALE = {torch.float16: 2.0**-19, torch.bfloat16: 2.0**-131, torch.float32: 2.0**-140,
+                   torch.float64: 2.0**-1040}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_gradients_are_not_flushed(dtype, backend, device):
+    """A normal pair fixes coef ~ -1; a second pair made only of subnormals is updated
+    with gradual underflow (checked at the dtype's subnormal spacing). Flush-to-zero or
+    denormals-are-zero arithmetic fails this."""
+    tiny = SUBNORMAL_SCALE[dtype]
+    specs = [Spec((64,), dtype), Spec((3, 5), dtype, scale=tiny, glayout="transposed", alpha=0.0),
+             Spec((4, 4), dtype, scale=tiny, grad=True, ref=False)]
+    case = build_case(specs, 23, alpha=-1.0, device=device)
+    g1 = case.grads[1].double().cpu().clone()
+    assert bool((g1.abs() < torch.finfo(dtype).tiny).all()) and bool((g1 != 0).all())
+    res, orc = run_and_check(case, device)
+    assert orc.projected
+    changed = case.grads[1].double().cpu() != g1
+    assert bool(changed.any()), "subnormal gradients were not updated"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_subnormal_gradients_count_in_dot(dtype, backend, device):
+    """Gradients made only of subnormals against large references: every product is a
+    normal number, so the dot (and the decision) must see them."""
+    tiny = SUBNORMAL_SCALE[dtype]
+    gen = torch.Generator().manual_seed(29)
+    r = rand_values(gen, (40, 6), 2.0**20)
+    g = -r.sign() * rand_values(gen, (40, 6), tiny).abs()
+    p = torch.empty(40, 6, dtype=dtype, device=device)
+    p.grad = g.to(device=device, dtype=dtype)
+    assert bool((p.grad != 0).all())
+    ref = r.to(device=device, dtype=dtype)
+    before = p.grad.clone()
+    orc = oracle([p.grad], [ref])
+    assert orc.dot < 0 and orc.projected
+    res = agem_fast.project_([p], [ref])
+    check_call(res, orc, [p.grad], [before], device)
