@@ -230,6 +230,17 @@ def _close_scalar(actual: float, expected: float, tol: float) -> bool:
     return abs(actual - expected) <= tol
 
 
+def _same_device(actual: torch.device, expected) -> bool:
+    expected = torch.device(expected)
+    if actual.type != expected.type:
+        return False
+    if expected.index is None:  # "cuda" means the current device
+        if expected.type == "cuda":
+            return actual.index == torch.cuda.current_device()
+        return True
+    return actual.index == expected.index
+
+
 def check_scalars(res, orc: OracleResult, device: torch.device) -> None:
     """Fields of a Projection: 0-dim tensors on `device`, values per the error model."""
     names = ("dot", "ref_sq_norm", "coef", "projected")
@@ -238,7 +249,7 @@ def check_scalars(res, orc: OracleResult, device: torch.device) -> None:
         t = getattr(res, name)
         assert isinstance(t, torch.Tensor), f"{name} is {type(t).__name__}"
         assert t.dim() == 0, f"{name} has shape {tuple(t.shape)}"
-        assert t.device == torch.device(device), f"{name} on {t.device}, expected {device}"
+        assert _same_device(t.device, device), f"{name} on {t.device}, expected {device}"
     for name in ("dot", "ref_sq_norm", "coef"):
         assert getattr(res, name).dtype == torch.float64, f"{name} is {getattr(res, name).dtype}"
     assert res.projected.dtype == torch.bool, res.projected.dtype

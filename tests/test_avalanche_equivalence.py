@@ -81,12 +81,14 @@ def run_avalanche(model, reference: torch.Tensor, device) -> None:
     plugin.after_backward(strategy)
 
 
-def none_pattern(kind: str, names, rnd: torch.Generator, p_none: float):
+def none_pattern(kind: str, names, rnd: torch.Generator, forced):
+    """Names of the parameters without gradient: the heads in `forced`, plus each other
+    head with probability 1/2 (multi-head models only)."""
     if kind != "multihead":
         return ()
-    heads = sorted({n.split(".")[1] for n in names if n.startswith("heads.")})
-    chosen = [h for h in heads if torch.rand((), generator=rnd) < p_none]
-    return tuple(n for n in names if n.startswith("heads.") and n.split(".")[1] in chosen)
+    heads = sorted({int(n.split(".")[1]) for n in names if n.startswith("heads.")})
+    chosen = {h for h in heads if h in forced or (h > 2 and bool(torch.rand((), generator=rnd) < 0.5))}
+    return tuple(n for n in names if n.startswith("heads.") and int(n.split(".")[1]) in chosen)
 
 
 CASES = [(kind, seed, alpha) for kind in ("mlp", "cnn", "multihead") for seed in range(8)
@@ -100,16 +102,19 @@ def test_matches_avalanche_after_backward(kind, seed, alpha, backend, device):
     names = [n for n, _ in model.named_parameters()]
 
     # reference phase (some heads without gradient), then Avalanche's flat reference
-    ref_none = none_pattern(kind, names, gen, 0.5)
+    # head 0: no reference gradient only; head 1: no current gradient only; head 2: neither
+    ref_none = none_pattern(kind, names, gen, forced=(0, 2))
     set_random_grads(model, gen, none_names=ref_none)
     ref_by_name = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
     flat_ref = avalanche_reference(model, device)
 
     # current phase: a different None pattern; alpha < 0 opposes the reference (projects),
     # alpha > 0 agrees with it (no projection), alpha = 0 is independent (either)
-    cur_none = none_pattern(kind, names, gen, 0.5)
+    cur_none = none_pattern(kind, names, gen, forced=(1, 2))
     set_random_grads(model, gen, none_names=cur_none, like=ref_by_name, alpha=alpha)
 
+    if kind == "multihead":
+        assert ref_none and cur_none and set(ref_none) != set(cur_none)
     model_av = model
     model_af = copy.deepcopy(model)
     for pa, pb in zip(model_av.parameters(), model_af.parameters()):

@@ -44,10 +44,14 @@ def valid_problem(device, dtypes=None, seed=0):
     return params, refs
 
 
-def _meta_param(shape, with_grad=True):
-    p = torch.empty(shape, device="meta")
-    if with_grad:
-        p.grad = torch.empty(shape, device="meta")
+def _other(device) -> str:
+    """A second device: the CPU when testing on CUDA, else "meta" (no GPU needed)."""
+    return "cpu" if torch.device(device).type == "cuda" else "meta"
+
+
+def _param_on(shape, dev):
+    p = torch.empty(shape, device=dev)
+    p.grad = torch.ones(shape, device=dev)
     return p
 
 
@@ -99,24 +103,24 @@ def case_refgrad_numel_mismatch(params, refs, device, gen):
 
 
 def case_grad_on_other_device(params, refs, device, gen):
-    params[BAD] = _meta_param(SHAPES[BAD])
-    refs[BAD] = torch.empty(SHAPES[BAD], device="meta")
+    params[BAD] = _param_on(SHAPES[BAD], _other(device))
+    refs[BAD] = torch.ones(SHAPES[BAD], device=_other(device))
     return params, refs, {}, IDX
 
 
 def case_grad_on_other_device_ref_local(params, refs, device, gen):
-    params[BAD] = _meta_param(SHAPES[BAD])
+    params[BAD] = _param_on(SHAPES[BAD], _other(device))
     return params, refs, {}, IDX
 
 
 def case_ref_on_other_device(params, refs, device, gen):
-    refs[BAD] = torch.empty(SHAPES[BAD], device="meta")
+    refs[BAD] = torch.ones(SHAPES[BAD], device=_other(device))
     return params, refs, {}, IDX
 
 
 def case_ref_only_on_other_device(params, refs, device, gen):
     params[BAD].grad = None
-    refs[BAD] = torch.empty(SHAPES[BAD], device="meta")
+    refs[BAD] = torch.ones(SHAPES[BAD], device=_other(device))
     return params, refs, {}, IDX
 
 
