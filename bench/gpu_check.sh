@@ -86,24 +86,40 @@ fi
 # ------------------------------------------------------------------ build
 if has_stage build; then
   note "build -> $RES/build.log"
-  (
-    set -e
-    if [[ ! -x "$VENV/bin/python" ]]; then
-      "$BASE_PY" -m venv --system-site-packages "$VENV"
-      # When the base interpreter is itself a venv (the image's /opt/torch/.venv),
-      # --system-site-packages reaches only the interpreter below it: add the base
-      # venv's site-packages (torch, pytest, ...) through a .pth file.
-      "$BASE_PY" -c 'import site, sys; print("\n".join(site.getsitepackages()))' > "$VENV/base-site.txt"
-      site_dir="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-      cp "$VENV/base-site.txt" "$site_dir/zz_base_site.pth"
+  make_venv() {
+    # A venv on top of the image's interpreter. When that interpreter is itself a venv
+    # (/opt/torch/.venv), --system-site-packages reaches only the Python below it, so
+    # a .pth file adds the base venv's site-packages (torch, pytest, ...) with
+    # site.addsitedir (which also runs the .pth files found there).
+    "$BASE_PY" -m venv --system-site-packages "$VENV" \
+      || "$BASE_PY" -m venv --system-site-packages --without-pip "$VENV" || return 1
+    local site_dir
+    site_dir="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || return 1
+    "$BASE_PY" -c 'import site; print("import site; " + "; ".join("site.addsitedir(%r)" % p for p in site.getsitepackages()))' \
+      > "$site_dir/zz_base_site.pth" || return 1
+    "$VENV/bin/python" -c "import torch; print('venv sees torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  }
+  install_pkg() {
+    if "$VENV/bin/python" -m pip --version > /dev/null 2>&1; then
+      "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e "$REPO"
+    else
+      "$BASE_PY" -m pip --python "$VENV/bin/python" install -q --no-index --no-deps --no-build-isolation -e "$REPO"
     fi
-    "$VENV/bin/python" -c "import torch; print('venv sees torch', torch.__version__)"
-    "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e "$REPO" \
-      || { echo "editable install failed; using PYTHONPATH=$REPO instead"; exit 3; }
-  ) > "$RES/build.log" 2>&1
-  rc=$?
-  if [[ -x "$VENV/bin/python" ]]; then PY="$VENV/bin/python"; fi
-  if (( rc == 3 )); then export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; fi
+    "$VENV/bin/python" -c "import agem_fast; print('agem_fast from', agem_fast.__file__)"
+  }
+  {
+    if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import torch" 2> /dev/null; then
+      rm -rf "$VENV"
+      make_venv || { echo "venv creation failed: using $BASE_PY"; rm -rf "$VENV"; }
+    fi
+    if [[ -x "$VENV/bin/python" ]]; then
+      PY="$VENV/bin/python"
+      install_pkg || { echo "editable install failed: using PYTHONPATH=$REPO"; export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; }
+    else
+      PY="$BASE_PY"; export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    echo "python for the checks: $PY"
+  } > "$RES/build.log" 2>&1
   {
     echo "--- python -m agem_fast build (AGEM_FAST_STRICT=1)"
     AGEM_FAST_STRICT=1 timeout "$(bounded 330)" "$PY" -m agem_fast build
