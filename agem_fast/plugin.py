@@ -193,6 +193,12 @@ class AGEMPlugin(_PluginBase):
     Avalanche's flat layout, zeros where a parameter had no gradient). Also
     `reference_gradient`, the underlying `agem_fast.ReferenceGradient`.
 
+    Random numbers: the memory subset uses Python's `random` exactly as Avalanche
+    does. Unlike Avalanche's memory loader, which draws one seed from the global
+    torch RNG whenever it is rebuilt (after each experience), this plugin draws
+    nothing from torch's RNG, so a seeded run with it shuffles later training
+    batches differently from the same run with Avalanche's plugin.
+
     Checkpointing: `state_dict()` / `load_state_dict()` save and restore the memory
     and each experience's sampling position; pickling the plugin (or an Avalanche
     strategy holding it) keeps the same state.
