@@ -12,4 +12,13 @@ from ._reference import ReferenceGradient
 
 __version__ = "0.1.0"
 
-__all__ = ["project_", "Projection", "ReferenceGradient", "backend_info", "__version__"]
+__all__ = ["project_", "Projection", "ReferenceGradient", "AGEMPlugin", "backend_info", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: the plugin imports Avalanche when it is installed, which takes seconds.
+    if name == "AGEMPlugin":
+        from .plugin import AGEMPlugin
+
+        return AGEMPlugin
+    raise AttributeError(f"module 'agem_fast' has no attribute {name!r}")
