@@ -261,7 +261,10 @@ def write_index(results_dir: Path) -> None:
             data = json.loads(p.read_text())
         except Exception:  # noqa: BLE001
             continue
-        for res in data.get("results", []):
+        results = data.get("results") if isinstance(data, dict) else None
+        for res in results if isinstance(results, list) else []:
+            if not isinstance(res, dict) or "rows" not in res:
+                continue  # another tool's JSON (e.g. bench/e2e_plugin.py)
             head = []
             for wl in ("resnet18", "vit_b_16"):
                 for impl in ("torch", "extension"):
