@@ -42,3 +42,27 @@ def test_custom_loop_example_projects_against_the_reference():
         else:
             assert float(res.dot) >= 0
     assert projected_once
+
+
+def test_plugin_custom_loop_example_runs_and_projects(monkeypatch):
+    import agem_fast
+
+    block = next(b for b in _python_blocks() if "AGEMPlugin" in b)
+    calls = []
+    real = agem_fast.project_
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls.append(bool(res.projected))
+        return res
+
+    monkeypatch.setattr(agem_fast, "project_", spy)
+    monkeypatch.setattr("agem_fast.plugin.project_", spy, raising=False)
+    ns: dict = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    agem = ns["agem"]
+    assert len(agem.buffers) == 3
+    # experiences 2 and 3 train against a non-empty memory: 7 steps each
+    assert len(calls) == 14, calls
+    assert any(calls), "no step projected"
+    assert all(torch.isfinite(p).all() for p in ns["model"].parameters())
