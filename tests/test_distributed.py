@@ -32,10 +32,14 @@ def _full_problem(seed=7):
 
 def _worker(rank, port, case, backend, errors):
     os.environ["AGEM_FAST_BACKEND"] = backend
+    if case == "plugin_ddp":
+        # Avalanche builds a default logger at import and refuses to on a non-main rank
+        # once torch.distributed is initialised: import it first, as Avalanche scripts do.
+        import agem_fast.plugin  # noqa: F401
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                            world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S))
     try:
-        {"ddp": _ddp, "split": _split, "dtensor": _dtensor}[case](rank)
+        {"ddp": _ddp, "split": _split, "dtensor": _dtensor, "plugin_ddp": _plugin_ddp}[case](rank)
     except BaseException as exc:  # reported by the parent
         errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise
@@ -103,7 +107,48 @@ def _dtensor(rank):
         torch.testing.assert_close(p.grad.full_tensor().double(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["ddp", "split", "dtensor"])
+def _plugin_ddp(rank):
+    """AGEMPlugin on a DDP-wrapped model: each rank trains on its own data and memory;
+    DDP averages both the reference and the current gradients, so every rank projects
+    identically and the replicas stay equal."""
+    import random
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from agem_fast.plugin import AGEMPlugin
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 6))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    random.seed(rank)
+    gen = torch.Generator().manual_seed(50 + rank)
+    experiences = [TensorDataset(torch.randn(64, 10, generator=gen),
+                                 torch.randint(2 * k, 2 * k + 2, (64,), generator=gen)) for k in range(3)]
+    agem = AGEMPlugin(patterns_per_experience=20, sample_size=24)
+    state = SimpleNamespace(model=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.2),
+                            device=torch.device("cpu"), _criterion=torch.nn.CrossEntropyLoss())
+    projected = []
+    real_after_backward = agem.after_backward
+    for data in experiences:
+        for x, y in DataLoader(data, batch_size=16, shuffle=True, generator=gen):
+            agem.before_training_iteration(state)
+            state.optimizer.zero_grad()
+            state._criterion(ddp(x), y).backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            real_after_backward(state)
+            projected.append(any(not torch.equal(g, p.grad) for g, p in zip(grads, model.parameters())))
+            state.optimizer.step()
+        state.experience = SimpleNamespace(dataset=data)
+        agem.after_training_exp(state)
+    assert any(projected), "no step projected"
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
+
+
+@pytest.mark.parametrize("case", ["ddp", "split", "dtensor", "plugin_ddp"])
 def test_two_gloo_processes(case, backend):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
