@@ -116,16 +116,18 @@ def status() -> dict:
 def _prepare(plan: Plan):
     """Lists for the ops. Pairs the kernels cannot walk as flat memory are staged:
     returns (grads, refs, ref_only, copy_back) with copy_back = [(grad, staged copy)]."""
-    grads, refs, copy_back = [], [], []
-    for g, r in zip(plan.grads, plan.refs):
-        if not same_dense_layout(g, r):
+    grads, refs, copy_back = plan.grads, plan.refs, []
+    if plan.irregular:
+        grads, refs = list(grads), list(refs)
+        for k in plan.irregular:
+            g, r = grads[k], refs[k]
+            if same_dense_layout(g, r):
+                continue
             if dense_flat(g) is None:  # g itself has gaps or overlaps: work on a dense copy
                 staged = g.contiguous()
                 copy_back.append((g, staged))
-                g = staged
-            r = torch.empty_like(g).copy_(r)  # r in g's memory order
-        grads.append(g)
-        refs.append(r)
+                grads[k] = g = staged
+            refs[k] = torch.empty_like(g).copy_(r)  # r in g's memory order
     ref_only = [r if dense_flat(r) is not None else r.contiguous() for r in plan.ref_only]
     return grads, refs, ref_only, copy_back
 

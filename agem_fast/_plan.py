@@ -20,7 +20,9 @@ _SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
 class Plan:
     """The normalised problem: aligned (grad, ref) pairs and reference-only tensors.
 
-    `refs[k]` has the shape of `grads[k]`; `ref_only` tensors count in ||r||^2 only.
+    `refs[k]` has the numel of `grads[k]`: when both are contiguous they pair up as flat
+    memory whatever their shapes; otherwise `refs[k]` has `grads[k]`'s shape and k is
+    listed in `irregular`. `ref_only` tensors count in ||r||^2 only.
     """
 
     device: torch.device
@@ -28,6 +30,7 @@ class Plan:
     grads: List[torch.Tensor] = field(default_factory=list)
     refs: List[torch.Tensor] = field(default_factory=list)
     ref_only: List[torch.Tensor] = field(default_factory=list)
+    irregular: List[int] = field(default_factory=list)
 
 
 def _check_eps(eps) -> float:
@@ -54,17 +57,13 @@ def _refs_from_flat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[
         raise ValueError(
             f"ref_grad tensor must be 1-D (Avalanche's flat layout), got shape {tuple(flat.shape)}"
         )
-    total = sum(_local_numel(p) for p in params)
+    numels = [_local_numel(p) for p in params]
+    total = sum(numels)
     if flat.numel() != total:
         raise ValueError(
             f"flat ref_grad has {flat.numel()} elements but the parameters have {total} in total"
         )
-    views, offset = [], 0
-    for p in params:
-        n = _local_numel(p)
-        views.append(flat.narrow(0, offset, n))
-        offset += n
-    return views
+    return list(flat.split(numels))  # views, in one C++ call
 
 
 def _local_shard(t: torch.Tensor, what: str, sharded: bool) -> torch.Tensor:
@@ -116,17 +115,18 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
             f"or an agem_fast.ReferenceGradient; got {type(ref_grad).__name__}"
         )
 
-    # The loop below runs once per parameter on every call (5,000+ for some models):
-    # it touches each tensor attribute once and defers message building to _explain.
+    # This loop runs once per parameter on every call (5,000+ tensors for some models),
+    # so it reads each attribute once and builds error messages only when raising.
     supported, strided = _SUPPORTED_SET, torch.strided
     device: Optional[torch.device] = None
-    plan_grads, plan_refs, ref_only = [], [], []
+    plan_grads, plan_refs, ref_only, irregular = [], [], [], []
     for i, (p, r) in enumerate(zip(params, refs)):
         g = p.grad
         if g is not None:
             if type(g) is not torch.Tensor:
                 g = _local_shard(g, f"params[{i}].grad", sharded)
-            if g.layout is not strided or g.dtype not in supported:
+            g_dtype = g.dtype
+            if g.layout is not strided or g_dtype not in supported:
                 _check_tensor(g, f"params[{i}].grad")
             g_device = g.device
             if device is None:
@@ -139,8 +139,13 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
             if not isinstance(r, torch.Tensor):
                 raise TypeError(f"ref_grad[{i}] is a {type(r).__name__}, expected a torch.Tensor or None")
             r = _local_shard(r, f"ref_grad[{i}]", sharded)
-        if r.layout is not strided or r.dtype not in supported:
-            _check_tensor(r, f"ref_grad[{i}]")
+        r_dtype = r.dtype
+        if r.layout is not strided or (r_dtype not in supported if g is None else r_dtype is not g_dtype):
+            _check_tensor(r, f"ref_grad[{i}]")  # raises for sparse or unsupported dtypes
+            raise TypeError(
+                f"ref_grad[{i}] has dtype {r_dtype} but params[{i}].grad has {g_dtype}; "
+                "a gradient and its reference must share a dtype"
+            )
         r_device = r.device
         if device is None:
             device = r_device
@@ -153,21 +158,19 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
                 )
             ref_only.append(r)
             continue
-        if r.dtype is not g.dtype:
-            raise TypeError(
-                f"ref_grad[{i}] has dtype {r.dtype} but params[{i}].grad has {g.dtype}; "
-                "a gradient and its reference must share a dtype"
-            )
         g_shape = g.shape
-        if r.shape != g_shape:
-            if r.numel() != g.numel():
-                raise ValueError(
-                    f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {g.numel()}"
-                )
-            r = r.reshape(g_shape)  # a view whenever the layout allows, else a copy
+        if r.shape != g_shape and r.numel() != g.numel():
+            raise ValueError(f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {g.numel()}")
+        if not (g.is_contiguous() and r.is_contiguous()):
+            # Both contiguous (the common case) pair up as flat memory whatever their
+            # shapes; anything else gets g's shape and is flagged for the backends.
+            irregular.append(len(plan_grads))
+            if r.shape != g_shape:
+                r = r.reshape(g_shape)  # a view whenever the layout allows, else a copy
         plan_grads.append(g)
         plan_refs.append(r)
 
     if device is None:
         device = params[0].device if params else torch.device("cpu")
-    return Plan(device=device, eps=eps, grads=plan_grads, refs=plan_refs, ref_only=ref_only)
+    return Plan(device=device, eps=eps, grads=plan_grads, refs=plan_refs, ref_only=ref_only,
+                irregular=irregular)

@@ -19,7 +19,8 @@ class ReferenceGradient:
     (every slot row-major contiguous), else None.
 
     `capture_(params)` copies the current gradients in; a None grad marks the slot
-    absent (it then takes no part in the projection, as Avalanche's zeros would not).
+    absent and zeroes it (it takes no part in the projection, as Avalanche's zeros would
+    not, and `flat` matches Avalanche's concatenation).
     """
 
     def __init__(self, params: Iterable[torch.Tensor]):
@@ -88,6 +89,8 @@ class ReferenceGradient:
         for i, (g, slot) in enumerate(zip(grads, self._slots)):
             if g is not None:
                 slot.copy_(g)
+            else:
+                slot.zero_()  # so `flat` stays Avalanche's layout (zeros for a None grad)
             self._present[i] = g is not None
         return self
 

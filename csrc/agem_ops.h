@@ -20,7 +20,8 @@ struct Table {
 };
 
 // Checks the op's inputs (each pair dense with identical strides and dtype, all on one
-// device) and lays out the table. Empty tensors are left out.
+// device; two contiguous tensors pair up whatever their shapes) and lays out the table.
+// Empty tensors are left out.
 Table build_table(at::TensorList grads, at::TensorList refs, at::TensorList ref_only);
 
 // Device of the first tensor of the op's lists (they are checked to agree).

@@ -265,11 +265,6 @@ def test_unsupported_param_dtype_rejected():
         agem_fast.ReferenceGradient([torch.empty(3), "weight"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: after capture_ with a None grad, ReferenceGradient.flat still returns the whole "
-    "buffer, whose absent slot holds stale data from an earlier capture (or torch.empty "
-    "garbage on the first one) instead of Avalanche's zeros; project_(params, rg.flat) "
-    "then disagrees with project_(params, rg)."))
 def test_flat_after_capturing_none_grads_is_avalanche_layout(backend, device):
     gen = torch.Generator().manual_seed(9)
     params = make_params(device)
