@@ -17,41 +17,38 @@ namespace {
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-// Independent lanes let the compiler vectorise the sum without reassociating it,
-// and keep each fp32 running sum short (kChunkElems / kLanes terms).
-constexpr int kLanes = 16;
+// A chunk is summed in blocks of kBlock elements: inside a block the compiler keeps one
+// fp32 partial per SIMD lane (`omp simd` reduction), and block totals are added up in
+// fp32. Short running sums keep the error near 1e-7 relative; the order depends only on
+// the build (vector width), never on the number of threads.
+constexpr int64_t kBlock = 256;
 
 // kHasG = false for reference-only entries (rr only); a template so the hot loop has no branch.
 template <typename T, bool kHasG>
 void chunk_sums(const T* g, const T* r, int64_t n, double* dot_out, double* rr_out) {
   using A = typename Acc<T>::type;
-  A dot[kLanes] = {}, rr[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      A rv = static_cast<A>(r[i + l]);
-      if (kHasG) dot[l] += static_cast<A>(g[i + l]) * rv;
-      rr[l] += rv * rv;
+  A dot = 0, rr = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = b + kBlock < n ? b + kBlock : n;
+    A block_dot = 0, block_rr = 0;
+#pragma omp simd reduction(+ : block_dot, block_rr)
+    for (int64_t i = b; i < e; ++i) {
+      const A rv = static_cast<A>(r[i]);
+      if constexpr (kHasG) block_dot += static_cast<A>(g[i]) * rv;
+      block_rr += rv * rv;
     }
+    dot += block_dot;
+    rr += block_rr;
   }
-  for (int l = 0; i < n; ++i, ++l) {
-    A rv = static_cast<A>(r[i]);
-    if (kHasG) dot[l] += static_cast<A>(g[i]) * rv;
-    rr[l] += rv * rv;
-  }
-  A dot_sum = 0, rr_sum = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    dot_sum += dot[l];
-    rr_sum += rr[l];
-  }
-  *dot_out = static_cast<double>(dot_sum);
-  *rr_out = static_cast<double>(rr_sum);
+  *dot_out = static_cast<double>(dot);
+  *rr_out = static_cast<double>(rr);
 }
 
 template <typename T>
 void chunk_update(T* g, const T* r, int64_t n, double coef) {
   using A = typename Acc<T>::type;
   const A c = static_cast<A>(coef);
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     g[i] = static_cast<T>(static_cast<A>(g[i]) - c * static_cast<A>(r[i]));
   }
