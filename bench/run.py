@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="file name stem (default <device-tags>-<UTC date>)")
     p.add_argument("--no-write", action="store_true", help="print the tables only")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    p.add_argument("--readme", type=Path, default=None, metavar="JSON",
+                   help="write this result's summary tables into README.md (between the bench markers)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="measure nothing: rewrite the .md (and .png) of an existing results JSON")
     args = p.parse_args(argv)
@@ -110,8 +112,23 @@ def render(path: Path, plot: bool = True) -> int:
     return 0
 
 
+def readme(path: Path) -> int:
+    """Regenerate README.md's performance tables from a results JSON (never typed by hand)."""
+    import json
+
+    data = json.loads(path.read_text())
+    results = [report.normalize(r) for r in data["results"]]
+    repo = Path(__file__).resolve().parents[1]
+    source = path.resolve().relative_to(repo).with_suffix(".md").as_posix()
+    report.update_readme(repo / "README.md", report.readme_section(results, date=data["date"], source=source))
+    print(f"README.md updated from {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.readme:
+        return readme(args.readme)
     if args.render:
         return render(args.render, plot=not args.no_plot)
     if args.threads:
