@@ -158,6 +158,25 @@ def test_opcheck(ext):
     params, refs = _case([(33,), (4, 5)], torch.float32, "cpu", seed=1)
     grads = [p.grad for p in params]
     torch.library.opcheck(torch.ops.agem_fast.project_.default, (grads, refs, [torch.randn(7)], 0.0))
+    torch.library.opcheck(torch.ops.agem_fast.sums.default, (grads, refs, [torch.randn(7)]))
+    coef = torch.tensor(-0.5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.agem_fast.apply_.default, (grads, refs, coef, torch.tensor(True)))
+
+
+def test_split_ops_compose_to_project(ext):
+    """sums + decide + apply_ (the sharded path's ops) equal the fused project_, bitwise."""
+    params, refs = _case([(3 * CHUNK + 5,), (7, 3), ()], torch.float32, "cpu", seed=8)
+    saved = [p.grad.clone() for p in params]
+    fused = torch.ops.agem_fast.project_([p.grad for p in params], refs, [], 0.0)
+    fused_grads = [p.grad.clone() for p in params]
+    for p, g in zip(params, saved):
+        p.grad.copy_(g)
+    sums = torch.ops.agem_fast.sums([p.grad for p in params], refs, [])
+    assert torch.equal(sums, torch.stack(fused[:2]))
+    torch.ops.agem_fast.apply_([p.grad for p in params], refs, fused[2], fused[3])
+    assert bool(fused[3])
+    for a, p in zip(fused_grads, params):
+        assert torch.equal(a, p.grad)
 
 
 # ---------------------------------------------------------------- CUDA (GPU machine) --
