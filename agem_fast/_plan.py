@@ -79,9 +79,14 @@ def _local_shard(t: torch.Tensor, what: str, sharded: bool) -> torch.Tensor:
     return t.to_local()
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _local_numel(p: torch.Tensor) -> int:
     """Elements this rank holds of p (a DTensor parameter holds only its shard)."""
-    return p.to_local().numel() if getattr(p, "placements", None) is not None else p.numel()
+    if type(p) in _PLAIN_TENSOR_TYPES or getattr(p, "placements", None) is None:
+        return p.numel()
+    return p.to_local().numel()
 
 
 def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
@@ -96,6 +101,7 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
 
+    sizes_checked = False
     if isinstance(ref_grad, ReferenceGradient):
         refs: List[Optional[torch.Tensor]] = ref_grad.as_list()
         if len(refs) != len(params):
@@ -105,6 +111,7 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
     elif isinstance(ref_grad, torch.Tensor):
         _check_tensor(ref_grad, "ref_grad")
         refs = _refs_from_flat(ref_grad, params)
+        sizes_checked = True  # split by the parameters' sizes
     elif isinstance(ref_grad, (list, tuple)):
         refs = list(ref_grad)
         if len(refs) != len(params):
@@ -159,7 +166,7 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
             ref_only.append(r)
             continue
         g_shape = g.shape
-        if r.shape != g_shape and r.numel() != g.numel():
+        if r.shape != g_shape and not sizes_checked and r.numel() != g.numel():
             raise ValueError(f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {g.numel()}")
         if not (g.is_contiguous() and r.is_contiguous()):
             # Both contiguous (the common case) pair up as flat memory whatever their

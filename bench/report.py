@@ -290,37 +290,46 @@ def _ms(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
-def readme_section(results: Sequence[dict], *, date: str, source: str) -> str:
-    """Compact per-device tables for README.md: median ms per implementation (run 1 /
-    run 2), the extension's ratio to the floor and its speed-up over Avalanche."""
-    out = [README_BEGIN, "", f"Measured {date}; full tables and the command: [{source}]({source}).", ""]
-    for res in results:
-        out += [f"**{res['device_name']}** ({res['device']}), torch {res['torch']}", "",
-                "| workload | dtype | case | Avalanche ms | torch ms | extension ms | floor ms "
-                "| extension × floor | extension vs Avalanche | extension vs torch |",
-                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        seen = set()
-        for row in sorted_rows(res["rows"]):
-            key = (row["workload"], row["dtype"], row["projecting"])
-            if key in seen:
-                continue
-            seen.add(key)
-            cells = {impl: _lookup(res, *key, impl) for impl in ("avalanche", "torch", "extension", "floor")}
-            ms = {impl: " / ".join(_ms(run["median_s"] * 1e3) for run in r["runs"]) if r else "n/a"
-                  for impl, r in cells.items()}
-            vs_torch = "n/a"
-            if cells["extension"] and cells["torch"]:
-                vs_torch = " / ".join(f"{t['median_s'] / e['median_s']:.1f}" for t, e in
-                                      zip(cells["torch"]["runs"], cells["extension"]["runs"]))
-            ext = cells["extension"]
-            x_floor = _pair([run.get("x_floor") for run in ext["runs"]], "{:.2f}") if ext else "n/a"
-            vs_ava = _pair([run.get("speedup_vs_avalanche") for run in ext["runs"]], "{:.1f}") if ext else "n/a"
-            case = "proj" if row["projecting"] else "no-proj"
-            out.append(f"| {row['workload']} | {row['dtype']} | {case} | {ms['avalanche']} | {ms['torch']} "
-                       f"| {ms['extension']} | {ms['floor']} | {x_floor} | {vs_ava} | {vs_torch} |")
-        out.append("")
+def readme_sections(sources) -> str:
+    """Compact per-device tables for README.md, one block per results file: median ms per
+    implementation (run 1 / run 2), the extension's ratio to the floor and its speed-ups.
+    `sources`: (normalized results, date, path of the .md, reference form) tuples."""
+    out = [README_BEGIN, ""]
+    for results, date, source, ref_form in sources:
+        out += [f"Measured {date}, reference passed as `{ref_form}`; full tables and the command: "
+                f"[{source}]({source}).", ""]
+        for res in results:
+            out += _readme_table(res)
     out.append(README_END)
     return "\n".join(out)
+
+
+def _readme_table(res: dict) -> List[str]:
+    out = [f"**{res['device_name']}** ({res['device']}), torch {res['torch']}", "",
+           "| workload | dtype | case | Avalanche ms | torch ms | extension ms | floor ms "
+           "| extension × floor | extension vs Avalanche | extension vs torch |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    seen = set()
+    for row in sorted_rows(res["rows"]):
+        key = (row["workload"], row["dtype"], row["projecting"])
+        if key in seen:
+            continue
+        seen.add(key)
+        cells = {impl: _lookup(res, *key, impl) for impl in ("avalanche", "torch", "extension", "floor")}
+        ms = {impl: " / ".join(_ms(run["median_s"] * 1e3) for run in r["runs"]) if r else "n/a"
+              for impl, r in cells.items()}
+        ext = cells["extension"]
+        x_floor = _pair([run.get("x_floor") for run in ext["runs"]], "{:.2f}") if ext else "n/a"
+        vs_ava = _pair([run.get("speedup_vs_avalanche") for run in ext["runs"]], "{:.1f}") if ext else "n/a"
+        vs_torch = "n/a"
+        if ext and cells["torch"]:
+            vs_torch = " / ".join(f"{t['median_s'] / e['median_s']:.1f}"
+                                  for t, e in zip(cells["torch"]["runs"], ext["runs"]))
+        case = "proj" if row["projecting"] else "no-proj"
+        out.append(f"| {row['workload']} | {row['dtype']} | {case} | {ms['avalanche']} | {ms['torch']} "
+                   f"| {ms['extension']} | {ms['floor']} | {x_floor} | {vs_ava} | {vs_torch} |")
+    out.append("")
+    return out
 
 
 def update_readme(readme: Path, section: str) -> None:

@@ -70,8 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="file name stem (default <device-tags>-<UTC date>)")
     p.add_argument("--no-write", action="store_true", help="print the tables only")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
-    p.add_argument("--readme", type=Path, default=None, metavar="JSON",
-                   help="write this result's summary tables into README.md (between the bench markers)")
+    p.add_argument("--readme", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="write these results' summary tables into README.md (between the bench markers)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="measure nothing: rewrite the .md (and .png) of an existing results JSON")
     args = p.parse_args(argv)
@@ -112,16 +112,19 @@ def render(path: Path, plot: bool = True) -> int:
     return 0
 
 
-def readme(path: Path) -> int:
-    """Regenerate README.md's performance tables from a results JSON (never typed by hand)."""
+def readme(paths) -> int:
+    """Regenerate README.md's performance tables from results JSONs (never typed by hand)."""
     import json
 
-    data = json.loads(path.read_text())
-    results = [report.normalize(r) for r in data["results"]]
     repo = Path(__file__).resolve().parents[1]
-    source = path.resolve().relative_to(repo).with_suffix(".md").as_posix()
-    report.update_readme(repo / "README.md", report.readme_section(results, date=data["date"], source=source))
-    print(f"README.md updated from {path}")
+    sources = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        results = [report.normalize(r) for r in data["results"]]
+        source = path.resolve().relative_to(repo).with_suffix(".md").as_posix()
+        sources.append((results, data["date"], source, data.get("results", [{}])[0].get("ref_form")))
+    report.update_readme(repo / "README.md", report.readme_sections(sources))
+    print(f"README.md updated from {', '.join(map(str, paths))}")
     return 0
 
 
