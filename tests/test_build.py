@@ -132,3 +132,30 @@ def test_cuda_kernels_have_no_register_spills(tmp_path):
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills, report[-2000:]
     assert all(s == "0" and l == "0" for s, l in spills), report[-4000:]
+
+
+def test_setup_py_prebuilds_the_extension_when_asked(tmp_path):
+    """AGEM_FAST_BUILD_EXT=1 compiles agem_fast._C into the wheel, and it is used."""
+    import zipfile
+
+    env = {**os.environ, "AGEM_FAST_BUILD_EXT": "1", "AGEM_FAST_CUDA": "0"}  # C++ only: faster
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                          "-q", "-w", str(tmp_path / "wheel"), str(REPO)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("agem_fast-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+        names = z.namelist()
+    assert any(n.startswith("agem_fast/_C") and n.endswith(".so") for n in names), names
+    assert "agem_fast/csrc/cuda/agem_cuda.cu" in names  # sources ship for a later JIT build
+    probe = ("import torch, agem_fast\nfrom agem_fast import _extension\n"
+             "p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([1., 2., 3.])\n"
+             "res = agem_fast.project_([p], [torch.full((3,), -1.)])\n"
+             "print(_extension.status()['source'], float(res.coef), p.grad.tolist())\n")
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("AGEM_FAST_")}
+    run_env.update(PYTHONPATH=str(tmp_path / "site"), TORCH_EXTENSIONS_DIR=str(tmp_path / "no-jit"))
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=run_env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "prebuilt -2.0 [-1.0, 0.0, 1.0]"
