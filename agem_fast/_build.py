@@ -142,9 +142,12 @@ def is_cached(name: str) -> bool:
         return False
 
 
-def jit_load(verbose: bool = False):
-    """Compile (first use only; cached in TORCH_EXTENSIONS_DIR) and import the extension."""
-    with_cuda, _ = want_cuda()
+def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
+    """Compile (first use only; cached in TORCH_EXTENSIONS_DIR) and import the extension.
+
+    with_cuda=None: compile the CUDA kernels whenever `want_cuda()` says so."""
+    if with_cuda is None:
+        with_cuda, _ = want_cuda()
     name = jit_name(with_cuda)
     sources = _sources(with_cuda)
     with build_environment(with_cuda):

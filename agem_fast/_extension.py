@@ -20,6 +20,7 @@ _state = {
     "source": None,           # "prebuilt" (agem_fast._C) or "jit"
     "cuda": False,
     "error": None,
+    "cuda_error": None,       # why the CUDA kernels are missing when only they failed
 }
 
 
@@ -34,7 +35,7 @@ def load(force: bool = False):
     with _lock:
         if _state["attempted"] and not force:
             return _state["module"]
-        _state.update(attempted=True, module=None, error=None)
+        _state.update(attempted=True, module=None, error=None, cuda_error=None)
         if os.environ.get("AGEM_FAST_BACKEND", "").strip().lower() == "torch":
             _state["status"] = "disabled"
             _state["error"] = "AGEM_FAST_BACKEND=torch"
@@ -48,9 +49,8 @@ def load(force: bool = False):
                 raise RuntimeError(
                     "agem_fast: the C++/CUDA extension could not be built "
                     "(AGEM_FAST_STRICT=1)") from exc
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             warnings.warn(
-                f"agem_fast: the C++/CUDA extension could not be built ({first_line}); using the "
+                f"agem_fast: the C++/CUDA extension could not be built ({_first_line(exc)}); using the "
                 "pure-PyTorch backend. `python -m agem_fast info` shows the full reason.",
                 RuntimeWarning, stacklevel=3)
             return None
@@ -70,7 +70,24 @@ def _import_or_build():
             pass
     from . import _build
 
-    return _build.jit_load(), "jit"
+    try:
+        return _build.jit_load(), "jit"
+    except Exception as exc:
+        if not _build.want_cuda()[0]:
+            raise
+        # The CUDA part failed (toolkit/arch mismatch, ...): keep the C++ kernels at least.
+        _state["cuda_error"] = f"{type(exc).__name__}: {exc}"
+        if _strict():
+            raise
+        warnings.warn(
+            f"agem_fast: the CUDA kernels could not be built ({_first_line(exc)}); building the "
+            "C++ kernels only, CUDA tensors use the pure-PyTorch backend. "
+            "`python -m agem_fast info` shows the full reason.", RuntimeWarning, stacklevel=4)
+        return _build.jit_load(with_cuda=False), "jit"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 _fake_registered = False

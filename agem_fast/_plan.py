@@ -66,6 +66,12 @@ def _refs_from_flat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[
     return list(flat.split(numels))  # views, in one C++ call
 
 
+def _overlaps(t: torch.Tensor) -> bool:
+    """True when some elements of t share memory (torch's own in-place writes refuse it)."""
+    check = getattr(torch, "_debug_has_internal_overlap", None)
+    return check is not None and check(t) == 1  # 1: MemOverlap::Yes
+
+
 def _local_shard(t: torch.Tensor, what: str, sharded: bool) -> torch.Tensor:
     """A DTensor's local shard (a view: in-place updates reach the DTensor); else t."""
     placements = getattr(t, "placements", None)
@@ -97,9 +103,13 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
     if isinstance(params, torch.Tensor):
         params = [params]  # a lone tensor is one parameter, not an iterable of rows
     params = list(params)
+    first_index = {}
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
+        j = first_index.setdefault(id(p), i)
+        if j != i:  # its gradient would be counted, and updated, twice
+            raise ValueError(f"params[{i}] is the same tensor as params[{j}]; list each parameter once")
 
     sizes_checked = False
     if isinstance(ref_grad, ReferenceGradient):
@@ -171,6 +181,11 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
         if not (g.is_contiguous() and r.is_contiguous()):
             # Both contiguous (the common case) pair up as flat memory whatever their
             # shapes; anything else gets g's shape and is flagged for the backends.
+            if _overlaps(g):
+                raise ValueError(
+                    f"params[{i}].grad has elements sharing memory (e.g. made by expand()); "
+                    "it cannot be updated in place"
+                )
             irregular.append(len(plan_grads))
             if r.shape != g_shape:
                 r = r.reshape(g_shape)  # a view whenever the layout allows, else a copy

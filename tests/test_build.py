@@ -159,3 +159,35 @@ def test_setup_py_prebuilds_the_extension_when_asked(tmp_path):
                          env=run_env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "prebuilt -2.0 [-1.0, 0.0, 1.0]"
+
+
+_CUDA_FAIL_PROBE = """
+import warnings, torch, agem_fast
+from agem_fast import _extension
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    _extension.load()
+print("WARNINGS", [str(w.message)[:60] for w in caught if "could not be built" in str(w.message)])
+s = _extension.status()
+print("STATUS", s["status"], s["cuda"], bool(s["cuda_error"]))
+print("BACKEND", agem_fast._api.backend_for(torch.device("cpu")))
+"""
+
+
+def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
+    if not _build.want_cuda()[0]:
+        pytest.skip("needs a CUDA build of torch and a CUDA toolkit")
+    import shutil
+
+    src = tmp_path / "csrc"
+    shutil.copytree(REPO / "csrc", src)
+    (src / "cuda" / "agem_cuda.cu").write_text("#error deliberately broken CUDA source\n")
+    env = {**os.environ, "AGEM_FAST_CSRC": str(src), "AGEM_FAST_JIT": "1", "AGEM_FAST_STRICT": "0",
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop("AGEM_FAST_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", _CUDA_FAIL_PROBE], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WARNINGS ['agem_fast: the CUDA kernels could not be built" in out.stdout, out.stdout
+    assert "STATUS loaded False True" in out.stdout, out.stdout
+    assert "BACKEND cpu" in out.stdout, out.stdout

@@ -158,6 +158,21 @@ def case_sparse_grad(params, refs, device, gen):
     return params, refs, {}, IDX
 
 
+def case_overlapping_grad(params, refs, device, gen):
+    # every element of this grad is one memory location (as from expand()): it cannot be
+    # updated in place, so it must be refused before anything is written
+    g = params[BAD].grad.clone()
+    p = torch.empty(SHAPES[BAD], device=device)
+    p.grad = g.as_strided(g.shape, [0] * g.dim())
+    params[BAD] = p
+    return params, refs, {}, IDX
+
+
+def case_duplicate_param(params, refs, device, gen):
+    params[BAD] = params[BAD - 1]
+    return params, refs, {}, IDX
+
+
 def case_sparse_ref(params, refs, device, gen):
     refs[BAD] = refs[BAD].to_sparse()
     return params, refs, {}, IDX

@@ -2,8 +2,8 @@
 //
 // Pass 1 (reduce_kernel): every block walks chunks of the tensor table and writes one
 // (dot, rr) partial per chunk. The last block to finish (atomic ticket) sums the
-// partials in a fixed order by chunk index, in fp64, and writes dot, rr, coef and the
-// `projected` flag to device memory. No float atomics, so results are bitwise
+// partials in fp64 in an order fixed by chunk index (strided per thread, then a fixed
+// tree) and writes dot, rr, coef and the `projected` flag to device memory. No float atomics, so results are bitwise
 // reproducible whatever the grid size.
 // Pass 2 (update_kernel): reads the flag and returns at once when nothing projects;
 // otherwise updates every gradient in place, g <- g - coef * r.
@@ -23,7 +23,9 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../agem_ops.h"
@@ -33,7 +35,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBlocksPerSM = 8;  // resident blocks per SM the grid aims for
 
 template <typename T> struct Num;
 template <> struct Num<__half> {
@@ -194,8 +195,8 @@ __device__ __forceinline__ void dispatch_dtype(int32_t code, Fn&& fn) {
 
 __global__ void __launch_bounds__(kThreads)
 reduce_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_chunks,
-              double2* __restrict__ partials, unsigned int* ticket, double* out, bool* flag,
-              double eps) {
+              double2* __restrict__ partials, unsigned int* ticket, double* dot_out,
+              double* rr_out, double* coef_out, bool* flag, double eps) {
   for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
     const TensorEntry e = table[find_entry(table, n_entries, c)];
     const ChunkRange cr = chunk_range(e, c);
@@ -228,9 +229,9 @@ reduce_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t 
   if (threadIdx.x == 0) {
     double coef;
     *flag = decide(dot, rr, eps, &coef);
-    out[0] = dot;
-    out[1] = rr;
-    out[2] = coef;
+    *dot_out = dot;
+    *rr_out = rr;
+    *coef_out = coef;
     *ticket = 0u;  // ready for reuse of this workspace
   }
 }
@@ -253,16 +254,37 @@ update_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t 
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-int64_t grid_for(int64_t chunks, int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t(sms) * kBlocksPerSM));
+// Blocks for `chunks` chunks: at most one wave of resident blocks (occupancy of this
+// kernel on this device, queried once), at least one block.
+int64_t grid_for(int64_t chunks, int device, const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int64_t> resident;
+  int64_t wave = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = resident.find({device, kernel});
+    if (it == resident.end()) {
+      int sms = 0, per_sm = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+      it = resident.emplace(std::make_pair(device, kernel), int64_t(sms) * std::max(per_sm, 1)).first;
+    }
+    wave = it->second;
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(chunks, wave));
+}
+
+template <typename Kernel>
+int64_t grid_for(int64_t chunks, int device, Kernel* kernel) {
+  return grid_for(chunks, device, reinterpret_cast<const void*>(kernel));
 }
 
 // Pinned tables copied during graph capture must outlive the graph (its memcpy node
 // re-reads them at every replay), so they are kept for the life of the process.
+// Deliberately never destroyed: freeing pinned blocks at process exit could outlive the
+// host allocator.
 std::mutex captured_mutex;
-std::vector<at::Tensor> captured_tables;
+std::vector<at::Tensor>* const captured_tables = new std::vector<at::Tensor>();
 
 }  // namespace
 
@@ -296,7 +318,7 @@ DeviceTable upload(const Table& table, const at::Device& device) {
   C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()), &capture));
   if (capture != cudaStreamCaptureStatusNone) {
     std::lock_guard<std::mutex> lock(captured_mutex);
-    captured_tables.push_back(host);
+    captured_tables->push_back(host);
   }
   uint8_t* base = ws.data_ptr<uint8_t>();
   return {ws, reinterpret_cast<const TensorEntry*>(base), n_entries,
@@ -304,12 +326,12 @@ DeviceTable upload(const Table& table, const at::Device& device) {
           reinterpret_cast<double2*>(base + partials_off)};
 }
 
-// Pass 1 into out[0..2] (dot, rr, coef) and *flag.
+// Pass 1 into *dot, *rr, *coef and *flag.
 void launch_reduce(const Table& table, const DeviceTable& dt, const at::Device& device,
-                   double* out, bool* flag, double eps) {
+                   double* dot, double* rr, double* coef, bool* flag, double eps) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
-  reduce_kernel<<<grid_for(table.total_chunks, device.index()), kThreads, 0, stream>>>(
-      dt.entries, dt.n_entries, table.total_chunks, dt.partials, dt.ticket, out, flag, eps);
+  reduce_kernel<<<grid_for(table.total_chunks, device.index(), reduce_kernel), kThreads, 0, stream>>>(
+      dt.entries, dt.n_entries, table.total_chunks, dt.partials, dt.ticket, dot, rr, coef, flag, eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -318,13 +340,13 @@ void launch_update(const Table& table, const DeviceTable& dt, const at::Device& 
                    const double* coef, const bool* flag) {
   if (table.pair_chunks == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
-  update_kernel<<<grid_for(table.pair_chunks, device.index()), kThreads, 0, stream>>>(
+  update_kernel<<<grid_for(table.pair_chunks, device.index(), update_kernel), kThreads, 0, stream>>>(
       dt.entries, dt.n_entries, table.pair_chunks, coef, flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor new_f64(int64_t n, const at::Device& device) {
-  return at::empty({n}, at::TensorOptions().dtype(at::kDouble).device(device));
+at::Tensor new_f64(const at::Device& device) {
+  return at::empty({}, at::TensorOptions().dtype(at::kDouble).device(device));
 }
 
 at::Tensor new_flag(const at::Device& device) {
@@ -339,11 +361,13 @@ ProjectResult project_cuda(at::TensorList grads, at::TensorList refs, at::Tensor
   const at::Device device = op_device(grads, ref_only);
   const c10::cuda::CUDAGuard guard(device);
   const DeviceTable dt = upload(table, device);
-  at::Tensor out = new_f64(3, device);
+  // Separate tensors: the op's schema promises outputs that alias nothing.
+  at::Tensor dot = new_f64(device), rr = new_f64(device), coef = new_f64(device);
   at::Tensor flag = new_flag(device);
-  launch_reduce(table, dt, device, out.data_ptr<double>(), flag.data_ptr<bool>(), eps);
-  launch_update(table, dt, device, out.data_ptr<double>() + 2, flag.data_ptr<bool>());
-  return {out.select(0, 0), out.select(0, 1), out.select(0, 2), flag};
+  launch_reduce(table, dt, device, dot.data_ptr<double>(), rr.data_ptr<double>(),
+                coef.data_ptr<double>(), flag.data_ptr<bool>(), eps);
+  launch_update(table, dt, device, coef.data_ptr<double>(), flag.data_ptr<bool>());
+  return {dot, rr, coef, flag};
 }
 
 at::Tensor sums_cuda(at::TensorList grads, at::TensorList refs, at::TensorList ref_only) {
@@ -351,10 +375,11 @@ at::Tensor sums_cuda(at::TensorList grads, at::TensorList refs, at::TensorList r
   const at::Device device = op_device(grads, ref_only);
   const c10::cuda::CUDAGuard guard(device);
   const DeviceTable dt = upload(table, device);
-  at::Tensor out = new_f64(3, device);  // [2] is a coef for eps = 0, unused here
-  at::Tensor flag = new_flag(device);
-  launch_reduce(table, dt, device, out.data_ptr<double>(), flag.data_ptr<bool>(), 0.0);
-  return out.narrow(0, 0, 2);
+  at::Tensor sums = at::empty({2}, at::TensorOptions().dtype(at::kDouble).device(device));
+  at::Tensor coef = new_f64(device), flag = new_flag(device);  // decided by the caller instead
+  double* out = sums.data_ptr<double>();
+  launch_reduce(table, dt, device, out, out + 1, coef.data_ptr<double>(), flag.data_ptr<bool>(), 0.0);
+  return sums;
 }
 
 void apply_cuda(at::TensorList grads, at::TensorList refs, const at::Tensor& coef,
