@@ -242,16 +242,17 @@ class AGEMPlugin(_PluginBase):
         """Last reference gradient in Avalanche's flat layout.
 
         Parameters that had no gradient contribute zeros, as in Avalanche. An empty
-        tensor before the first reference pass. When every parameter had a gradient
-        this is a view of the internal buffer, overwritten by the next reference
-        pass (clone it to keep it); otherwise a fresh concatenation.
+        tensor before the first reference pass. When the parameters share dtype,
+        device and a row-major layout this is a view of the internal buffer,
+        overwritten by the next reference pass (clone it to keep it); otherwise a
+        fresh concatenation.
         """
         ref = self.reference_gradient
         if ref is None:
             return torch.empty(0)
-        parts = ref.as_list()
-        if all(p is not None for p in parts) and ref.flat is not None:
+        if ref.flat is not None:  # absent slots are zeroed by capture_: Avalanche's layout
             return ref.flat
+        parts = ref.as_list()
         device = next((p.device for p in parts if p is not None), self._device)
         return torch.cat(
             [
