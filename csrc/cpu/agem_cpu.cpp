@@ -68,25 +68,32 @@ void dispatch_dtype(int32_t code, Fn&& fn) {
 
 namespace {
 
-// Pass 1: (dot, rr) over every chunk, summed in chunk order in fp64.
-std::pair<double, double> table_sums(const Table& table) {
+// Runs fn(chunk index, entry, element range, dtype tag) for chunks [0, n_chunks), in
+// parallel over chunks. Each chunk's work is independent of the thread that does it.
+template <typename Fn>
+void for_each_chunk(const Table& table, int64_t n_chunks, Fn&& fn) {
   const TensorEntry* entries = table.entries.data();
   const int64_t n_entries = static_cast<int64_t>(table.entries.size());
-  std::vector<double> partial(2 * table.total_chunks);
-  at::parallel_for(0, table.total_chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const TensorEntry& e = entries[find_entry(entries, n_entries, c)];
       const ChunkRange cr = chunk_range(e, c);
-      dispatch_dtype(e.dtype, [&](auto tag) {
-        using T = decltype(tag);
-        const T* r = static_cast<const T*>(e.r) + cr.begin;
-        double* out = &partial[2 * c];
-        if (e.g) {
-          chunk_sums<T, true>(static_cast<const T*>(e.g) + cr.begin, r, cr.end - cr.begin, out, out + 1);
-        } else {
-          chunk_sums<T, false>(nullptr, r, cr.end - cr.begin, out, out + 1);
-        }
-      });
+      dispatch_dtype(e.dtype, [&](auto tag) { fn(c, e, cr, tag); });
+    }
+  });
+}
+
+// Pass 1: (dot, rr) over every chunk, summed in chunk order in fp64.
+std::pair<double, double> table_sums(const Table& table) {
+  std::vector<double> partial(2 * table.total_chunks);
+  for_each_chunk(table, table.total_chunks, [&](int64_t c, const TensorEntry& e, ChunkRange cr, auto tag) {
+    using T = decltype(tag);
+    const T* r = static_cast<const T*>(e.r) + cr.begin;
+    double* out = &partial[2 * c];
+    if (e.g) {
+      chunk_sums<T, true>(static_cast<const T*>(e.g) + cr.begin, r, cr.end - cr.begin, out, out + 1);
+    } else {
+      chunk_sums<T, false>(nullptr, r, cr.end - cr.begin, out, out + 1);
     }
   });
   double dot = 0.0, rr = 0.0;
@@ -99,18 +106,10 @@ std::pair<double, double> table_sums(const Table& table) {
 
 // Pass 2: g <- g - coef * r over the pairs' chunks.
 void table_update(const Table& table, double coef) {
-  const TensorEntry* entries = table.entries.data();
-  const int64_t n_entries = static_cast<int64_t>(table.entries.size());
-  at::parallel_for(0, table.pair_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const TensorEntry& e = entries[find_entry(entries, n_entries, c)];
-      const ChunkRange cr = chunk_range(e, c);
-      dispatch_dtype(e.dtype, [&](auto tag) {
-        using T = decltype(tag);
-        chunk_update<T>(static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
-                        cr.end - cr.begin, coef);
-      });
-    }
+  for_each_chunk(table, table.pair_chunks, [&](int64_t, const TensorEntry& e, ChunkRange cr, auto tag) {
+    using T = decltype(tag);
+    chunk_update<T>(static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
+                    cr.end - cr.begin, coef);
   });
 }
 
