@@ -7,22 +7,23 @@
 # From a session, through the device tool (one command, at most 10 minutes):
 #   run(command="bash bench/gpu_check.sh")
 # The machine has no network: it uses the image's python3 (/opt/torch/.venv, which holds
-# torch, pytest, pytest-benchmark, hypothesis, matplotlib), a venv made from it with
-# --system-site-packages, and installs agem_fast into it with --no-index --no-deps.
+# torch, pytest, pytest-benchmark, hypothesis, matplotlib) with the repo on PYTHONPATH:
+# nothing is installed.
 # avalanche-lib is not there, so the benchmark's "avalanche" rows use the algorithm's
 # re-expression (agem_fast._baselines.avalanche_project_) and Avalanche tests skip.
 #
 # Stages (each bounded by a timeout; all of them share a budget of GPU_CHECK_BUDGET
 # seconds, default 570, so one call ends inside the device tool's 600 s limit):
 #   env       nvidia-smi (+ -q), python/torch/nvcc versions, `python -m agem_fast info`
-#   build     venv + editable install + `python -m agem_fast build` (AGEM_FAST_STRICT=1);
+#   build     `python -m agem_fast build` (AGEM_FAST_STRICT=1);
 #             the extension cache is build/torch_extensions (ignored by git, so a warm
 #             machine keeps it between calls)
 #   tests     AGEM_FAST_STRICT=1 pytest tests -k cuda (the CUDA variants of the suite)
+#   bench     python -m bench.run --devices cuda (--quick unless GPU_CHECK_FULL=1), then
+#             the pytest-benchmark microbenchmarks on CUDA when time is left
 #   sanitize  compute-sanitizer memcheck and racecheck on bench/cuda_sanitize_case.py
 #             (PyTorch's caching allocator off, so each tensor is its own allocation)
-#   bench     python -m bench.run --devices cuda (--quick unless GPU_CHECK_FULL=1), then
-#             the pytest-benchmark microbenchmarks on CUDA
+# (they run in that order: tests and benchmarks first, as they matter most.)
 #
 # Everything is written to bench/results/gpu-<card>-<UTC date>/ (logs, nvidia-smi,
 # the benchmark's .json/.md/.png, summary.md). When $OUT is set (the device tool), the
@@ -60,9 +61,7 @@ BASE_PY="${PYTHON:-}"
 if [[ -z "$BASE_PY" ]]; then
   if [[ -x /opt/torch/.venv/bin/python3 ]]; then BASE_PY=/opt/torch/.venv/bin/python3; else BASE_PY="$(command -v python3)"; fi
 fi
-VENV="${GPU_CHECK_VENV:-$REPO/build/gpu-venv}"
 PY="$BASE_PY"
-if [[ -x "$VENV/bin/python" ]]; then PY="$VENV/bin/python"; fi
 
 # ------------------------------------------------------------------ env
 if has_stage env; then
@@ -86,40 +85,9 @@ fi
 # ------------------------------------------------------------------ build
 if has_stage build; then
   note "build -> $RES/build.log"
-  make_venv() {
-    # A venv on top of the image's interpreter. When that interpreter is itself a venv
-    # (/opt/torch/.venv), --system-site-packages reaches only the Python below it, so
-    # a .pth file adds the base venv's site-packages (torch, pytest, ...) with
-    # site.addsitedir (which also runs the .pth files found there).
-    "$BASE_PY" -m venv --system-site-packages "$VENV" \
-      || "$BASE_PY" -m venv --system-site-packages --without-pip "$VENV" || return 1
-    local site_dir
-    site_dir="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || return 1
-    "$BASE_PY" -c 'import site; print("import site; " + "; ".join("site.addsitedir(%r)" % p for p in site.getsitepackages()))' \
-      > "$site_dir/zz_base_site.pth" || return 1
-    "$VENV/bin/python" -c "import torch; print('venv sees torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-  }
-  install_pkg() {
-    if "$VENV/bin/python" -m pip --version > /dev/null 2>&1; then
-      "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e "$REPO"
-    else
-      "$BASE_PY" -m pip --python "$VENV/bin/python" install -q --no-index --no-deps --no-build-isolation -e "$REPO"
-    fi
-    "$VENV/bin/python" -c "import agem_fast; print('agem_fast from', agem_fast.__file__)"
-  }
-  {
-    if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import torch" 2> /dev/null; then
-      rm -rf "$VENV"
-      make_venv || { echo "venv creation failed: using $BASE_PY"; rm -rf "$VENV"; }
-    fi
-    if [[ -x "$VENV/bin/python" ]]; then
-      PY="$VENV/bin/python"
-      install_pkg || { echo "editable install failed: using PYTHONPATH=$REPO"; export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; }
-    else
-      PY="$BASE_PY"; export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-    echo "python for the checks: $PY"
-  } > "$RES/build.log" 2>&1
+  # The repo on PYTHONPATH (no venv, no install): nothing to set up on a bare machine.
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  echo "python for the checks: $PY (PYTHONPATH=$PYTHONPATH)" > "$RES/build.log"
   {
     echo "--- python -m agem_fast build (AGEM_FAST_STRICT=1)"
     AGEM_FAST_STRICT=1 timeout "$(bounded 330)" "$PY" -m agem_fast build
@@ -136,11 +104,30 @@ if ! "$PY" -c "import agem_fast" 2>/dev/null; then export PYTHONPATH="$REPO${PYT
 # ------------------------------------------------------------------ tests
 if has_stage tests; then
   note "tests -> $RES/tests.log"
-  AGEM_FAST_STRICT=1 timeout "$(bounded 200)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
+  AGEM_FAST_STRICT=1 timeout "$(bounded 150)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
     --junitxml="$RES/tests-junit.xml" > "$RES/tests.log" 2>&1
   rc=$?
   STATUS[tests]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
   tail -3 "$RES/tests.log"
+fi
+
+# ------------------------------------------------------------------ bench
+if has_stage bench; then
+  note "bench -> $RES/bench-cuda.{json,md,png}, bench.log"
+  QUICK=(--quick); [[ "${GPU_CHECK_FULL:-0}" == 1 ]] && QUICK=()
+  timeout "$(bounded 200)" "$PY" -m bench.run --devices cuda "${QUICK[@]}" --out "$RES" --name bench-cuda \
+    > "$RES/bench-cuda.stdout.md" 2> "$RES/bench.log"
+  rc=$?
+  STATUS[bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+  if (( $(left) > 240 )); then
+    note "pytest-benchmark microbenchmarks (cuda) -> $RES/pytest-bench.log"
+    AGEM_BENCH_DEVICES=cuda AGEM_BENCH_ROUNDS=10 timeout "$(bounded 60)" "$PY" -m pytest bench -q -p no:cacheprovider \
+      --benchmark-columns=median,iqr,rounds --benchmark-json="$RES/pytest-bench.json" > "$RES/pytest-bench.log" 2>&1
+    rc=$?
+    STATUS[pytest-bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+  else
+    STATUS[pytest-bench]="not run: out of time budget"
+  fi
 fi
 
 # ------------------------------------------------------------------ sanitize
@@ -150,7 +137,7 @@ if has_stage sanitize; then
       note "sanitize $tool -> $RES/$tool.log"
       extra=()
       [[ $tool == memcheck ]] && extra=(--leak-check no)
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 AGEM_FAST_BACKEND=extension timeout "$(bounded 150)" \
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 AGEM_FAST_BACKEND=extension timeout "$(bounded 90)" \
         compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 99 \
         "$PY" bench/cuda_sanitize_case.py > "$RES/$tool.log" 2>&1
       rc=$?
@@ -159,25 +146,6 @@ if has_stage sanitize; then
     done
   else
     STATUS[memcheck]="not run: no compute-sanitizer"; STATUS[racecheck]="${STATUS[memcheck]}"
-  fi
-fi
-
-# ------------------------------------------------------------------ bench
-if has_stage bench; then
-  note "bench -> $RES/bench-cuda.{json,md,png}, bench.log"
-  QUICK=(--quick); [[ "${GPU_CHECK_FULL:-0}" == 1 ]] && QUICK=()
-  timeout "$(bounded 330)" "$PY" -m bench.run --devices cuda "${QUICK[@]}" --out "$RES" --name bench-cuda \
-    > "$RES/bench-cuda.stdout.md" 2> "$RES/bench.log"
-  rc=$?
-  STATUS[bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
-  if (( $(left) > 60 )); then
-    note "pytest-benchmark microbenchmarks (cuda) -> $RES/pytest-bench.log"
-    AGEM_BENCH_DEVICES=cuda AGEM_BENCH_ROUNDS=10 timeout "$(bounded 90)" "$PY" -m pytest bench -q -p no:cacheprovider \
-      --benchmark-columns=median,iqr,rounds --benchmark-json="$RES/pytest-bench.json" > "$RES/pytest-bench.log" 2>&1
-    rc=$?
-    STATUS[pytest-bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
-  else
-    STATUS[pytest-bench]="not run: out of time budget"
   fi
 fi
 
