@@ -17,7 +17,7 @@ import torch
 # guess the architecture. +PTX lets newer GPUs JIT-compile the sm_90 code.
 DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
-CPU_SOURCES = ["agem_ops.cpp", "cpu/agem_cpu.cpp"]
+CPU_SOURCES = ["agem_ops.cpp", "agem_python.cpp", "cpu/agem_cpu.cpp"]
 CUDA_SOURCES = ["cuda/agem_cuda.cu"]
 
 CXX_FLAGS = ["-O3", "-fopenmp"]  # torch adds its own -std (C++20 for torch 2.14)

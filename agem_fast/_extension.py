@@ -149,6 +149,13 @@ def _prepare(plan: Plan):
     return grads, refs, ref_only, copy_back
 
 
+def project_plain(params: list, refs, eps: float):
+    """The C++ fast path (csrc/agem_python.cpp) for plain, valid calls: the 4-tuple of
+    a Projection, or None, with nothing written, when the call needs the planner."""
+    fast = getattr(load(), "project_plain", None)  # None: no extension (or an old build)
+    return None if fast is None else fast(params, refs, eps)
+
+
 def project(plan: Plan):
     """The fused op: both passes and the decision, in one call."""
     from ._api import Projection

@@ -33,7 +33,7 @@ class Plan:
     irregular: List[int] = field(default_factory=list)
 
 
-def _check_eps(eps) -> float:
+def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     eps = float(eps)
@@ -99,7 +99,7 @@ def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
     """Validate everything and build the Plan. Raises before touching any gradient."""
     from ._reference import ReferenceGradient  # local: avoids an import cycle
 
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     if isinstance(params, torch.Tensor):
         params = [params]  # a lone tensor is one parameter, not an iterable of rows
     params = list(params)

@@ -139,5 +139,7 @@ def _update_device(plan: Plan, coef: torch.Tensor, projected: torch.Tensor) -> N
     coef32 = coef.float()
     for g, r in _shaped_pairs(plan):
         c = coef if g.dtype == torch.float64 else coef32
-        new = _as_accum(g) - c * _as_accum(r)
+        new = (_as_accum(g) - c * _as_accum(r)).to(g.dtype)
+        # Both branches in g's dtype: a round trip through fp32 could change the bits
+        # of a NaN that must stay as it was.
         g.copy_(torch.where(projected, new, g))

@@ -1,4 +1,4 @@
-// The agem_fast torch.library op, table planning, and the Python module's build info.
+// The agem_fast torch.library ops and their table planning.
 #include "agem_ops.h"
 
 #include <torch/library.h>
@@ -9,17 +9,11 @@ namespace agem_fast {
 
 namespace {
 
-int32_t dtype_code(const at::Tensor& t, const char* what, size_t i) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return kHalf;
-    case at::kBFloat16: return kBFloat16;
-    case at::kFloat: return kFloat;
-    case at::kDouble: return kDouble;
-    default:
-      TORCH_CHECK_TYPE(false, "agem_fast: ", what, "[", i, "] has unsupported dtype ",
-                       t.scalar_type(), "; supported: float16, bfloat16, float32, float64");
-  }
-  return -1;
+int32_t checked_dtype_code(const at::Tensor& t, const char* what, size_t i) {
+  const int32_t code = dtype_code(t.scalar_type());
+  TORCH_CHECK_TYPE(code >= 0, "agem_fast: ", what, "[", i, "] has unsupported dtype ",
+                   t.scalar_type(), "; supported: float16, bfloat16, float32, float64");
+  return code;
 }
 
 void check_dense(const at::Tensor& t, const char* what, size_t i) {
@@ -29,6 +23,16 @@ void check_dense(const at::Tensor& t, const char* what, size_t i) {
 }
 
 }  // namespace
+
+int32_t dtype_code(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return kHalf;
+    case at::kBFloat16: return kBFloat16;
+    case at::kFloat: return kFloat;
+    case at::kDouble: return kDouble;
+    default: return -1;
+  }
+}
 
 at::Device op_device(at::TensorList grads, at::TensorList ref_only) {
   if (!grads.empty()) return grads[0].device();
@@ -51,12 +55,6 @@ Table build_table(at::TensorList grads, at::TensorList refs, at::TensorList ref_
   if (grads.empty() && ref_only.empty()) return table;
   const at::Device device = op_device(grads, ref_only);
   table.entries.reserve(grads.size() + ref_only.size());
-  int64_t chunk = 0;
-  auto add = [&](void* g, const at::Tensor& r, int32_t code) {
-    if (r.numel() == 0) return;
-    table.entries.push_back({g, r.data_ptr(), r.numel(), chunk, code, 0});
-    chunk += chunks_for(r.numel());
-  };
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     const at::Tensor& r = refs[i];
@@ -75,19 +73,18 @@ Table build_table(at::TensorList grads, at::TensorList refs, at::TensorList ref_
     }
     TORCH_CHECK_VALUE(g.numel() == r.numel(), "agem_fast: grads[", i, "] has ", g.numel(),
                       " elements but refs[", i, "] has ", r.numel());
-    const int32_t code = dtype_code(g, "grads", i);
+    const int32_t code = checked_dtype_code(g, "grads", i);
     TORCH_CHECK_TYPE(r.scalar_type() == g.scalar_type(), "agem_fast: refs[", i, "] is ",
                      r.scalar_type(), " but grads[", i, "] is ", g.scalar_type());
-    add(g.data_ptr(), r, code);
+    table.add(g.data_ptr(), r.data_ptr(), r.numel(), code);
   }
-  table.pair_chunks = chunk;
+  table.end_pairs();
   for (size_t i = 0; i < ref_only.size(); ++i) {
     const at::Tensor& r = ref_only[i];
     TORCH_CHECK_VALUE(r.device() == device, "agem_fast: ref_only[", i, "] is not on ", device);
     check_dense(r, "ref_only", i);
-    add(nullptr, r, dtype_code(r, "ref_only", i));
+    table.add(nullptr, r.data_ptr(), r.numel(), checked_dtype_code(r, "ref_only", i));
   }
-  table.total_chunks = chunk;
   return table;
 }
 
@@ -106,26 +103,3 @@ TORCH_LIBRARY_IMPL(agem_fast, CPU, m) {
   m.impl("sums", &agem_fast::sums_cpu);
   m.impl("apply_", &agem_fast::apply_cpu);
 }
-
-#ifdef TORCH_EXTENSION_NAME
-#include <torch/extension.h>
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "agem_fast C++/CUDA kernels (ops live in torch.ops.agem_fast)";
-  m.def("build_info", []() {
-    pybind11::dict info;
-#ifdef AGEM_FAST_WITH_CUDA
-    info["cuda"] = true;
-#else
-    info["cuda"] = false;
-#endif
-#ifdef _OPENMP
-    info["openmp"] = true;
-#else
-    info["openmp"] = false;
-#endif
-    info["chunk_elems"] = agem_fast::kChunkElems;
-    return info;
-  });
-}
-#endif

@@ -17,7 +17,19 @@ struct Table {
   std::vector<TensorEntry> entries;  // pairs first, then reference-only entries
   int64_t pair_chunks = 0;           // chunks of the (g, r) pairs: the update's range
   int64_t total_chunks = 0;          // + chunks of the reference-only tensors
+
+  // Appends one tensor (g == nullptr: reference-only) after the entries so far; an
+  // empty tensor gets no entry. Add every pair first, then call end_pairs().
+  void add(void* g, const void* r, int64_t numel, int32_t dtype) {
+    if (numel == 0) return;
+    entries.push_back({g, r, numel, total_chunks, dtype, 0});
+    total_chunks += chunks_for(numel);
+  }
+  void end_pairs() { pair_chunks = total_chunks; }
 };
+
+// DTypeCode of a supported dtype, -1 for any other.
+int32_t dtype_code(at::ScalarType dtype);
 
 // Checks the op's inputs (each pair dense with identical strides and dtype, all on one
 // device; two contiguous tensors pair up whatever their shapes) and lays out the table.
@@ -29,6 +41,13 @@ at::Device op_device(at::TensorList grads, at::TensorList ref_only);
 
 // Checks the (coef, projected) pair given to apply_: 0-dim float64 and bool on `device`.
 void check_decision(const at::Tensor& coef, const at::Tensor& projected, at::DeviceType device);
+
+// The fused projection over a laid-out table, on the CPU or on `device` (CUDA): what
+// project_ runs after build_table, and what the Python module's fast path calls.
+ProjectResult project_table_cpu(const Table& table, double eps);
+#ifdef AGEM_FAST_WITH_CUDA
+ProjectResult project_table_cuda(const Table& table, const at::Device& device, double eps);
+#endif
 
 // The three ops: project_ = sums + decide + apply_ in one call; sums and apply_ let a
 // sharded caller all-reduce (dot, rr) between the two passes.

@@ -115,9 +115,7 @@ void table_update(const Table& table, double coef) {
 
 }  // namespace
 
-ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
-                          double eps) {
-  const Table table = build_table(grads, refs, ref_only);
+ProjectResult project_table_cpu(const Table& table, double eps) {
   const auto [dot, rr] = table_sums(table);
   double coef = 0.0;
   const bool projected = decide(dot, rr, eps, &coef);
@@ -125,6 +123,11 @@ ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorL
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   return {at::scalar_tensor(dot, f64), at::scalar_tensor(rr, f64), at::scalar_tensor(coef, f64),
           at::scalar_tensor(projected, at::TensorOptions().dtype(at::kBool))};
+}
+
+ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
+                          double eps) {
+  return project_table_cpu(build_table(grads, refs, ref_only), eps);
 }
 
 at::Tensor sums_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only) {

@@ -6,7 +6,8 @@
 // tree) and writes dot, rr, coef and the `projected` flag to device memory. No float atomics, so results are bitwise
 // reproducible whatever the grid size.
 // Pass 2 (update_kernel): reads the flag and returns at once when nothing projects;
-// otherwise updates every gradient in place, g <- g - coef * r.
+// otherwise updates every gradient in place, g <- g - coef * r. Pass 1 walks the chunks
+// from the last, pass 2 from the first: pass 2 starts on the data pass 1 left in L2.
 //
 // Both passes use 16-byte vector accesses where g and r are aligned alike, scalar
 // accesses for the head/tail (or the whole chunk when their alignments differ), and
@@ -197,7 +198,10 @@ __global__ void __launch_bounds__(kThreads)
 reduce_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_chunks,
               double2* __restrict__ partials, unsigned int* ticket, double* dot_out,
               double* rr_out, double* coef_out, bool* flag, double eps) {
-  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+  // Last chunk first, so that the chunks pass 2 starts with (the first ones) are the
+  // last ones read here: the likeliest to be still in L2.
+  for (int64_t i = blockIdx.x; i < n_chunks; i += gridDim.x) {
+    const int64_t c = n_chunks - 1 - i;
     const TensorEntry e = table[find_entry(table, n_entries, c)];
     const ChunkRange cr = chunk_range(e, c);
     double dot = 0.0, rr = 0.0;
@@ -355,10 +359,7 @@ at::Tensor new_flag(const at::Device& device) {
 
 }  // namespace
 
-ProjectResult project_cuda(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
-                           double eps) {
-  const Table table = build_table(grads, refs, ref_only);
-  const at::Device device = op_device(grads, ref_only);
+ProjectResult project_table_cuda(const Table& table, const at::Device& device, double eps) {
   const c10::cuda::CUDAGuard guard(device);
   const DeviceTable dt = upload(table, device);
   // Separate tensors: the op's schema promises outputs that alias nothing.
@@ -368,6 +369,12 @@ ProjectResult project_cuda(at::TensorList grads, at::TensorList refs, at::Tensor
                 coef.data_ptr<double>(), flag.data_ptr<bool>(), eps);
   launch_update(table, dt, device, coef.data_ptr<double>(), flag.data_ptr<bool>());
   return {dot, rr, coef, flag};
+}
+
+ProjectResult project_cuda(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
+                           double eps) {
+  const Table table = build_table(grads, refs, ref_only);
+  return project_table_cuda(table, op_device(grads, ref_only), eps);
 }
 
 at::Tensor sums_cuda(at::TensorList grads, at::TensorList refs, at::TensorList ref_only) {

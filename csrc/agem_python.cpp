@@ -1,0 +1,169 @@
+// The Python module of the extension: build information and the eager fast path of
+// agem_fast.project_. (The ops themselves live in torch.ops.agem_fast; CMake builds
+// for C++ users leave this file out.)
+//
+// Why a fast path: planning a call in Python costs microseconds per parameter, which
+// on a GPU is more than the kernels take for a whole ResNet. project_plain does the
+// plain, valid case in C++ with no Python object per tensor, and declines (returns
+// None, having written nothing) on anything else, so the Python planner keeps sole
+// charge of errors, odd layouts, tensor subclasses and torch.compile.
+#include <torch/extension.h>
+
+#include <optional>
+#include <unordered_set>
+
+#include "agem_ops.h"
+
+namespace agem_fast {
+namespace {
+
+// A tensor the kernels take as flat memory with no staging: dense (non-overlapping,
+// no gaps; contiguous, channels_last, ...), a supported dtype, no lazy negation, and no
+// Python subclass dispatch (e.g. DTensor).
+bool plain(const at::Tensor& t) {
+  return t.layout() == at::kStrided && t.has_storage() && !t.is_nested() && !t.is_neg() &&
+         !t.unsafeGetTensorImpl()->is_python_dispatch() && dtype_code(t.scalar_type()) >= 0 &&
+         t.is_non_overlapping_and_dense();
+}
+
+// Whether g and r, both dense, hold their elements in the same memory order: both
+// contiguous (any shapes), or one shape and one set of strides (size-1 dims aside).
+bool same_order(const at::Tensor& g, const at::Tensor& r) {
+  if (g.is_contiguous() && r.is_contiguous()) return true;
+  if (g.sizes() != r.sizes()) return false;
+  for (int64_t d = 0; d < g.dim(); ++d) {
+    if (g.size(d) != 1 && g.stride(d) != r.stride(d)) return false;
+  }
+  return true;
+}
+
+// The device all tensors must share: the first one seen sets it.
+bool same_device(std::optional<at::Device>& device, const at::Tensor& t) {
+  if (!device) device = t.device();
+  return t.device() == *device;
+}
+
+// params: a list of tensors. refs: a list aligned with params (tensors or None), or a
+// 1-D tensor in Avalanche's flat layout. Returns (dot, rr, coef, projected) or None.
+py::object project_plain(const py::list& params, const py::object& refs, double eps) {
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  const bool flat_form = THPVariable_Check(refs.ptr());
+  at::Tensor flat;
+  if (flat_form) {
+    flat = THPVariable_Unpack(refs.ptr());
+    if (flat.dim() != 1 || !plain(flat) || !flat.is_contiguous()) return py::none();
+  } else if (!PyList_Check(refs.ptr()) || PyList_GET_SIZE(refs.ptr()) != n) {
+    return py::none();
+  }
+
+  std::optional<at::Device> device;
+  const char* flat_base = nullptr;
+  int64_t flat_offset = 0;
+  if (flat_form) {
+    device = flat.device();
+    flat_base = static_cast<const char*>(flat.data_ptr());
+  }
+  std::unordered_set<const c10::TensorImpl*> seen;
+  seen.reserve(2 * static_cast<size_t>(n));
+  std::vector<at::Tensor> grads;  // updated in place: their version counters are bumped
+  grads.reserve(n);
+  struct RefOnly { const void* r; int64_t numel; at::ScalarType dtype; };
+  std::vector<RefOnly> ref_only;
+  Table table;
+  table.entries.reserve(n);
+
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p_obj = PyList_GET_ITEM(params.ptr(), i);
+    if (!THPVariable_Check(p_obj)) return py::none();
+    const at::Tensor& p = THPVariable_Unpack(p_obj);
+    if (p.unsafeGetTensorImpl()->is_python_dispatch()) return py::none();
+    if (!seen.insert(p.unsafeGetTensorImpl()).second) return py::none();  // listed twice
+    const at::Tensor& g = p.grad();
+
+    // The reference: a slice of the flat tensor (by pointer: no view is made), or the
+    // list's entry (undefined for None).
+    const void* r = nullptr;
+    int64_t r_numel = 0;
+    at::ScalarType r_dtype;
+    bool r_order_ok = true;  // r's memory order is g's
+    if (flat_form) {
+      r_order_ok = !g.defined() || g.is_contiguous();  // the slice is row-major
+      r_numel = p.numel();
+      if (r_numel > flat.numel() - flat_offset) return py::none();
+      r = flat_base + flat_offset * flat.element_size();
+      r_dtype = flat.scalar_type();
+      flat_offset += r_numel;
+    } else if (PyObject* r_obj = PyList_GET_ITEM(refs.ptr(), i); r_obj != Py_None) {
+      if (!THPVariable_Check(r_obj)) return py::none();
+      const at::Tensor& rt = THPVariable_Unpack(r_obj);
+      if (!plain(rt) || !same_device(device, rt)) return py::none();
+      r = rt.data_ptr();
+      r_numel = rt.numel();
+      r_dtype = rt.scalar_type();
+      r_order_ok = !g.defined() || same_order(g, rt);
+    } else {  // no reference: the gradient is neither counted nor changed
+      if (g.defined() && !(plain(g) && same_device(device, g))) return py::none();
+      continue;
+    }
+    if (!g.defined()) {  // reference-only: counts in ||r||^2
+      if (r_numel != p.numel()) return py::none();
+      ref_only.push_back({r, r_numel, r_dtype});
+      continue;
+    }
+    if (!plain(g) || g.scalar_type() != r_dtype || g.numel() != r_numel || !r_order_ok ||
+        !same_device(device, g)) {
+      return py::none();
+    }
+    table.add(g.data_ptr(), r, r_numel, dtype_code(r_dtype));
+    grads.push_back(g);
+  }
+  if (flat_form && flat_offset != flat.numel()) return py::none();
+  if (!device) return py::none();  // no tensor at all: the planner answers
+  table.end_pairs();
+  for (const RefOnly& e : ref_only) table.add(nullptr, e.r, e.numel, dtype_code(e.dtype));
+
+  ProjectResult result;
+  {
+    py::gil_scoped_release no_gil;
+    if (device->is_cpu()) {
+      result = project_table_cpu(table, eps);
+#ifdef AGEM_FAST_WITH_CUDA
+    } else if (device->is_cuda()) {
+      result = project_table_cuda(table, *device, eps);
+#endif
+    } else {
+      return py::none();  // a device without kernels here (the GIL is back on return)
+    }
+  }
+  // What an in-place op does: autograd can then tell a saved gradient was modified.
+  for (const at::Tensor& g : grads) {
+    if (!g.is_inference()) g.unsafeGetTensorImpl()->bump_version();
+  }
+  auto& [dot, rr, coef, projected] = result;
+  return py::make_tuple(dot, rr, coef, projected);
+}
+
+}  // namespace
+}  // namespace agem_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "agem_fast C++/CUDA kernels (ops live in torch.ops.agem_fast)";
+  m.def("build_info", []() {
+    pybind11::dict info;
+#ifdef AGEM_FAST_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    info["chunk_elems"] = agem_fast::kChunkElems;
+    return info;
+  });
+  m.def("project_plain", &agem_fast::project_plain, py::arg("params"), py::arg("refs"),
+        py::arg("eps"),
+        "project_ for plain valid inputs, all in C++; None (nothing written) otherwise");
+}
