@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # All GPU validation and benchmarking of agem_fast in one call, for a lent GPU machine.
 #
-#   bench/gpu_check.sh                 # every stage: env build tests sanitize bench
+#   bench/gpu_check.sh                 # every stage: env build tests bench sanitize profile
 #   bench/gpu_check.sh build,bench     # a subset (comma list), e.g. to split across calls
 #
 # From a session, through the device tool (one command, at most 10 minutes):
@@ -18,11 +18,14 @@
 #   build     `python -m agem_fast build` (AGEM_FAST_STRICT=1);
 #             the extension cache is build/torch_extensions (ignored by git, so a warm
 #             machine keeps it between calls)
-#   tests     AGEM_FAST_STRICT=1 pytest tests -k cuda (the CUDA variants of the suite)
+#   tests     AGEM_FAST_STRICT=1 pytest tests -k cuda (the CUDA variants of the suite, with
+#             AGEM_FAST_BIG_TESTS=1: a tensor over 2^31 elements, ~13 GB)
 #   bench     python -m bench.run --devices cuda (--quick unless GPU_CHECK_FULL=1), then
 #             the pytest-benchmark microbenchmarks on CUDA when time is left
 #   sanitize  compute-sanitizer memcheck and racecheck on bench/cuda_sanitize_case.py
 #             (PyTorch's caching allocator off, so each tensor is its own allocation)
+#   profile   bench/gpu_profile.py: host time, call time and per-kernel device time of the
+#             extension and the flat floor (ResNet-18, ViT-B/16; fp32, bf16)
 # (they run in that order: tests and benchmarks first, as they matter most.)
 #
 # Everything is written to bench/results/gpu-<card>-<UTC date>/ (logs, nvidia-smi,
@@ -34,7 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
-STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,sanitize,bench}}"
+STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,bench,sanitize,profile}}"
 BUDGET="${GPU_CHECK_BUDGET:-570}"
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1
@@ -104,7 +107,7 @@ if ! "$PY" -c "import agem_fast" 2>/dev/null; then export PYTHONPATH="$REPO${PYT
 # ------------------------------------------------------------------ tests
 if has_stage tests; then
   note "tests -> $RES/tests.log"
-  AGEM_FAST_STRICT=1 timeout "$(bounded 150)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
+  AGEM_FAST_BIG_TESTS="${AGEM_FAST_BIG_TESTS:-1}" AGEM_FAST_STRICT=1 timeout "$(bounded 150)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
     --junitxml="$RES/tests-junit.xml" > "$RES/tests.log" 2>&1
   rc=$?
   STATUS[tests]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
@@ -149,6 +152,14 @@ if has_stage sanitize; then
   fi
 fi
 
+# ------------------------------------------------------------------ profile
+if has_stage profile; then
+  note "profile -> $RES/profile.log"
+  timeout "$(bounded 90)" "$PY" bench/gpu_profile.py > "$RES/profile.log" 2>&1
+  rc=$?
+  STATUS[profile]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+fi
+
 # ------------------------------------------------------------------ summary
 {
   echo "# GPU check: ${CARD:-unknown GPU}, $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -156,13 +167,14 @@ fi
   echo "Stages: $STAGES; $(( $(date +%s) - T0 )) s in all; results folder bench/results/$(basename "$RES")"
   echo
   echo "| stage | status |"; echo "|---|---|"
-  for k in env build tests memcheck racecheck bench pytest-bench; do
+  for k in env build tests bench pytest-bench memcheck racecheck profile; do
     [[ -n "${STATUS[$k]:-}" ]] && echo "| $k | ${STATUS[$k]} |"
   done
   if [[ -f "$RES/tests.log" ]]; then echo; echo '```'; tail -3 "$RES/tests.log"; echo '```'; fi
   for tool in memcheck racecheck; do
     if [[ -f "$RES/$tool.log" ]]; then echo; echo "$tool:"; echo '```'; grep -E "ERROR SUMMARY|sanitize case|FAIL" "$RES/$tool.log" | tail -5; echo '```'; fi
   done
+  if [[ -f "$RES/profile.log" ]]; then echo; echo "profile (bench/gpu_profile.py):"; echo '```'; cat "$RES/profile.log"; echo '```'; fi
   if [[ -f "$RES/bench-cuda.md" ]]; then
     echo; sed -n '/^Targets:/,/^peak extra mem/p' "$RES/bench-cuda.md"
   fi

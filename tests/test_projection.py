@@ -600,3 +600,26 @@ def test_subnormal_gradients_count_in_dot(dtype, backend, device):
     assert orc.dot < 0 and orc.projected
     res = agem_fast.project_([p], [ref])
     check_call(res, orc, [p.grad], [before], device)
+
+
+@pytest.mark.parametrize("dtype,nan_bits", [(torch.float16, 0x7C01), (torch.bfloat16, 0x7F81),
+                                            (torch.float32, 0x7F800001)])
+def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits):
+    """The torch backend's device update (used on GPUs and under torch.compile) always
+    runs and selects with torch.where; not projecting, every gradient must keep its bits,
+    a signalling NaN's payload included (a round trip through fp32 would quiet it, as
+    the H200 showed for a fp16 NaN). Runs the device path on the CPU."""
+    from agem_fast import _torch_backend
+    from agem_fast._plan import make_plan
+
+    int_type = {2: torch.int16, 4: torch.int32}[torch.empty((), dtype=dtype).element_size()]
+    g = torch.randn(4, 5).to(dtype)
+    g.view(int_type)[1, 2] = nan_bits  # exponent all ones, quiet bit clear: a signalling NaN
+    p = torch.empty(4, 5, dtype=dtype)
+    p.grad = g
+    before = bits(g).clone()
+    assert torch.isnan(g[1, 2])
+    plan = make_plan([p], [torch.randn(4, 5).to(dtype)], 0.0)
+    coef = torch.tensor(-0.5, dtype=torch.float64)
+    _torch_backend._update_device(plan, coef, torch.tensor(False))
+    assert p.grad is g and torch.equal(bits(p.grad), before), "the gradient's bits changed"
