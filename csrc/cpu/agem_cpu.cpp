@@ -70,12 +70,15 @@ namespace {
 
 // Runs fn(chunk index, entry, element range, dtype tag) for chunks [0, n_chunks), in
 // parallel over chunks. Each chunk's work is independent of the thread that does it.
+// Each thread walks its contiguous range of chunks forwards, or backwards with
+// `backwards`: pass 2 does, so that it starts on what pass 1 read last (still in cache).
 template <typename Fn>
-void for_each_chunk(const Table& table, int64_t n_chunks, Fn&& fn) {
+void for_each_chunk(const Table& table, int64_t n_chunks, bool backwards, Fn&& fn) {
   const TensorEntry* entries = table.entries.data();
   const int64_t n_entries = static_cast<int64_t>(table.entries.size());
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t c = backwards ? end - 1 - (k - begin) : k;
       const TensorEntry& e = entries[find_entry(entries, n_entries, c)];
       const ChunkRange cr = chunk_range(e, c);
       dispatch_dtype(e.dtype, [&](auto tag) { fn(c, e, cr, tag); });
@@ -86,7 +89,7 @@ void for_each_chunk(const Table& table, int64_t n_chunks, Fn&& fn) {
 // Pass 1: (dot, rr) over every chunk, summed in chunk order in fp64.
 std::pair<double, double> table_sums(const Table& table) {
   std::vector<double> partial(2 * table.total_chunks);
-  for_each_chunk(table, table.total_chunks, [&](int64_t c, const TensorEntry& e, ChunkRange cr, auto tag) {
+  for_each_chunk(table, table.total_chunks, /*backwards=*/false, [&](int64_t c, const TensorEntry& e, ChunkRange cr, auto tag) {
     using T = decltype(tag);
     const T* r = static_cast<const T*>(e.r) + cr.begin;
     double* out = &partial[2 * c];
@@ -106,7 +109,7 @@ std::pair<double, double> table_sums(const Table& table) {
 
 // Pass 2: g <- g - coef * r over the pairs' chunks.
 void table_update(const Table& table, double coef) {
-  for_each_chunk(table, table.pair_chunks, [&](int64_t, const TensorEntry& e, ChunkRange cr, auto tag) {
+  for_each_chunk(table, table.pair_chunks, /*backwards=*/true, [&](int64_t, const TensorEntry& e, ChunkRange cr, auto tag) {
     using T = decltype(tag);
     chunk_update<T>(static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
                     cr.end - cr.begin, coef);
