@@ -17,13 +17,22 @@
 namespace agem_fast {
 namespace {
 
+// Whether this build has kernels for t's device.
+bool has_kernels(const at::Tensor& t) {
+#ifdef AGEM_FAST_WITH_CUDA
+  return t.is_cpu() || t.is_cuda();
+#else
+  return t.is_cpu();
+#endif
+}
+
 // A tensor the kernels take as flat memory with no staging: dense (non-overlapping,
 // no gaps; contiguous, channels_last, ...), a supported dtype, no lazy negation, and no
-// Python subclass dispatch (e.g. DTensor).
+// Python subclass dispatch (e.g. DTensor), on a device this build has kernels for.
 bool plain(const at::Tensor& t) {
-  return t.layout() == at::kStrided && t.has_storage() && !t.is_nested() && !t.is_neg() &&
-         !t.unsafeGetTensorImpl()->is_python_dispatch() && dtype_code(t.scalar_type()) >= 0 &&
-         t.is_non_overlapping_and_dense();
+  return t.layout() == at::kStrided && has_kernels(t) && t.has_storage() && !t.is_nested() &&
+         !t.is_neg() && !t.unsafeGetTensorImpl()->is_python_dispatch() &&
+         dtype_code(t.scalar_type()) >= 0 && t.is_non_overlapping_and_dense();
 }
 
 // Whether g and r, both dense, hold their elements in the same memory order: both
@@ -124,16 +133,13 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
 
   ProjectResult result;
   {
-    py::gil_scoped_release no_gil;
-    if (device->is_cpu()) {
-      result = project_table_cpu(table, eps);
+    py::gil_scoped_release no_gil;  // every tensor passed plain(): the device has kernels
 #ifdef AGEM_FAST_WITH_CUDA
-    } else if (device->is_cuda()) {
-      result = project_table_cuda(table, *device, eps);
+    result = device->is_cuda() ? project_table_cuda(table, *device, eps)
+                               : project_table_cpu(table, eps);
+#else
+    result = project_table_cpu(table, eps);
 #endif
-    } else {
-      return py::none();  // a device without kernels here (the GIL is back on return)
-    }
   }
   // What an in-place op does: autograd can then tell a saved gradient was modified.
   for (const at::Tensor& g : grads) {
