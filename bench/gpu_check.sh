@@ -20,8 +20,9 @@
 #             machine keeps it between calls)
 #   tests     AGEM_FAST_STRICT=1 pytest tests -k cuda (the CUDA variants of the suite, with
 #             AGEM_FAST_BIG_TESTS=1: a tensor over 2^31 elements, ~13 GB)
-#   bench     python -m bench.run --devices cuda (--quick unless GPU_CHECK_FULL=1), then
-#             the pytest-benchmark microbenchmarks on CUDA when time is left
+#   bench     python -m bench.run --devices cuda: --quick (tiny5000 in fp32 only, a second
+#             JSON) unless GPU_CHECK_FULL=1; then the pytest-benchmark microbenchmarks on
+#             CUDA when time is left
 #   sanitize  compute-sanitizer memcheck and racecheck on bench/cuda_sanitize_case.py
 #             (PyTorch's caching allocator off, so each tensor is its own allocation)
 #   profile   bench/gpu_profile.py: host time, call time and per-kernel device time of the
@@ -116,11 +117,21 @@ fi
 
 # ------------------------------------------------------------------ bench
 if has_stage bench; then
-  note "bench -> $RES/bench-cuda.{json,md,png}, bench.log"
-  QUICK=(--quick); [[ "${GPU_CHECK_FULL:-0}" == 1 ]] && QUICK=()
-  timeout "$(bounded 200)" "$PY" -m bench.run --devices cuda "${QUICK[@]}" --out "$RES" --name bench-cuda \
-    > "$RES/bench-cuda.stdout.md" 2> "$RES/bench.log"
-  rc=$?
+  note "bench -> $RES/bench-cuda{,-tiny5000}.{json,md,png}, bench.log"
+  if [[ "${GPU_CHECK_FULL:-0}" == 1 ]]; then
+    timeout "$(bounded 400)" "$PY" -m bench.run --devices cuda --out "$RES" --name bench-cuda \
+      > "$RES/bench-cuda.stdout.md" 2> "$RES/bench.log"
+    rc=$?
+  else
+    # --quick, with tiny5000 in fp32 only: its torch-backend rows (0.3-0.5 s a call)
+    # took 70 of the 120 s of a quick run with all three dtypes.
+    timeout "$(bounded 150)" "$PY" -m bench.run --devices cuda --quick --workloads resnet18,vit_b_16,gpt2,llama_1b \
+      --out "$RES" --name bench-cuda > "$RES/bench-cuda.stdout.md" 2> "$RES/bench.log"
+    rc=$?
+    timeout "$(bounded 60)" "$PY" -m bench.run --devices cuda --quick --workloads tiny5000 --dtypes fp32 \
+      --out "$RES" --name bench-cuda-tiny5000 > "$RES/bench-cuda-tiny5000.stdout.md" 2>> "$RES/bench.log"
+    rc=$(( rc | $? ))
+  fi
   STATUS[bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
   if (( $(left) > 240 )); then
     note "pytest-benchmark microbenchmarks (cuda) -> $RES/pytest-bench.log"
@@ -175,14 +186,14 @@ fi
     if [[ -f "$RES/$tool.log" ]]; then echo; echo "$tool:"; echo '```'; grep -E "ERROR SUMMARY|sanitize case|FAIL" "$RES/$tool.log" | tail -5; echo '```'; fi
   done
   if [[ -f "$RES/profile.log" ]]; then echo; echo "profile (bench/gpu_profile.py):"; echo '```'; cat "$RES/profile.log"; echo '```'; fi
-  if [[ -f "$RES/bench-cuda.md" ]]; then
-    echo; sed -n '/^Targets:/,/^peak extra mem/p' "$RES/bench-cuda.md"
-  fi
+  for md in "$RES/bench-cuda.md" "$RES/bench-cuda-tiny5000.md"; do
+    if [[ -f "$md" ]]; then echo; echo "$(basename "$md"):"; sed -n '/^Targets:/,/^peak extra mem/p' "$md"; fi
+  done
 } > "$SUMMARY"
 
 if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
   tar czf "$OUT/gpu-check-${CARD_SLUG}-${STAMP}.tar.gz" -C "$REPO/bench/results" "$(basename "$RES")"
-  for f in summary.md bench-cuda.md bench-cuda.json bench-cuda.png nvidia-smi.txt; do
+  for f in summary.md bench-cuda.md bench-cuda.json bench-cuda.png bench-cuda-tiny5000.md bench-cuda-tiny5000.json nvidia-smi.txt; do
     [[ -f "$RES/$f" ]] && cp "$RES/$f" "$OUT/"
   done
   note "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
