@@ -8,7 +8,7 @@ from typing import Iterable, NamedTuple
 import torch
 
 from . import _torch_backend
-from ._plan import check_eps, make_plan
+from ._plan import check_eps, make_plan, param_list
 
 
 class Projection(NamedTuple):
@@ -67,10 +67,7 @@ def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, grou
     index, before any gradient is written.
     """
     eps = check_eps(eps)
-    if isinstance(params, torch.Tensor):
-        params = [params]  # a lone tensor is one parameter, not an iterable of rows
-    elif not isinstance(params, list):
-        params = list(params)  # once: a generator cannot be read twice
+    params = param_list(params)
     if group is None and not torch.compiler.is_compiling() and _forced_backend() != "torch":
         # Plain valid calls are planned and run in C++ (microseconds per parameter less).
         from . import _extension

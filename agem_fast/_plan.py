@@ -95,14 +95,20 @@ def _local_numel(p: torch.Tensor) -> int:
     return p.to_local().numel()
 
 
-def make_plan(params, ref_grad, eps, sharded: bool = False) -> Plan:
-    """Validate everything and build the Plan. Raises before touching any gradient."""
+def param_list(params) -> list:
+    """project_'s `params` as a list, read once (a generator cannot be read twice)."""
+    if isinstance(params, torch.Tensor):
+        return [params]  # a lone tensor is one parameter, not an iterable of rows
+    return params if isinstance(params, list) else list(params)
+
+
+def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan:
+    """Validate the tensors and build the Plan. Raises before touching any gradient.
+
+    `params` comes from param_list and `eps` from check_eps (project_ runs both first).
+    """
     from ._reference import ReferenceGradient  # local: avoids an import cycle
 
-    eps = check_eps(eps)
-    if isinstance(params, torch.Tensor):
-        params = [params]  # a lone tensor is one parameter, not an iterable of rows
-    params = list(params)
     first_index = {}
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
