@@ -168,6 +168,7 @@ def project(plan: Plan):
     dot, rr, coef, projected = torch.ops.agem_fast.project_(grads, refs, ref_only, plan.eps)
     for g, staged in copy_back:
         g.copy_(staged)
+    _bump_versions(plan.grads)
     return Projection(dot, rr, coef, projected)
 
 
@@ -186,6 +187,17 @@ def apply(plan: Plan, coef: torch.Tensor, projected: torch.Tensor) -> None:
         torch.ops.agem_fast.apply_(grads, refs, coef, projected)
     for g, staged in copy_back:
         g.copy_(staged)
+    _bump_versions(plan.grads)
+
+
+def _bump_versions(grads) -> None:
+    """What an in-place op does, so autograd can tell that a saved gradient changed: the
+    kernels write through data pointers, which autograd does not see."""
+    if torch.compiler.is_compiling():
+        return  # functionalization tracks the op's declared mutation (Tensor(a!)[])
+    for g in grads:
+        if not g.is_inference():  # inference tensors have no version counter
+            torch.autograd.graph.increment_version(g)
 
 
 def build_info() -> Optional[dict]:

@@ -66,10 +66,33 @@ def _refs_from_flat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[
     return list(flat.split(numels))  # views, in one C++ call
 
 
+# Largest tensor whose element offsets are enumerated to prove it has no overlap.
+_OVERLAP_ENUMERATION_LIMIT = 1 << 22
+
+
 def _overlaps(t: torch.Tensor) -> bool:
-    """True when some elements of t share memory (torch's own in-place writes refuse it)."""
+    """True when some elements of t may share memory: updating it in place would then
+    depend on the order of the writes (torch's own in-place ops refuse such tensors)."""
+    if t.numel() <= 1:
+        return False
     check = getattr(torch, "_debug_has_internal_overlap", None)
-    return check is not None and check(t) == 1  # 1: MemOverlap::Yes
+    verdict = check(t) if check is not None else 2
+    if verdict != 2:  # 0: MemOverlap::No, 1: MemOverlap::Yes, 2: TooHard (any gapped view)
+        return verdict == 1
+    dims = sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) > 1)
+    extent = 1  # every dimension stepping over all the smaller ones: provably disjoint
+    for stride, size in dims:
+        if stride < extent:
+            break
+        extent = stride * size
+    else:
+        return False
+    if t.numel() > _OVERLAP_ENUMERATION_LIMIT:
+        return True  # cannot prove otherwise at a reasonable cost
+    offsets = torch.zeros((), dtype=torch.int64)
+    for stride, size in dims:
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride).reshape(-1)
+    return torch.unique(offsets).numel() != offsets.numel()
 
 
 def _local_shard(t: torch.Tensor, what: str, sharded: bool) -> torch.Tensor:
@@ -141,6 +164,7 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
     # This loop runs once per parameter on every call (5,000+ tensors for some models),
     # so it reads each attribute once and builds error messages only when raising.
     supported, strided = _SUPPORTED_SET, torch.strided
+    compiling = torch.compiler.is_compiling()  # dynamo cannot trace is_inference()
     device: Optional[torch.device] = None
     plan_grads, plan_refs, ref_only, irregular = [], [], [], []
     for i, (p, r) in enumerate(zip(params, refs)):
@@ -181,6 +205,11 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
                 )
             ref_only.append(r)
             continue
+        if not compiling and g.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                f"params[{i}].grad is an inference tensor; it can be updated in place "
+                "only inside torch.inference_mode()"
+            )
         g_shape = g.shape
         if r.shape != g_shape and not sizes_checked and r.numel() != g.numel():
             raise ValueError(f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {g.numel()}")
@@ -189,8 +218,8 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
             # shapes; anything else gets g's shape and is flagged for the backends.
             if _overlaps(g):
                 raise ValueError(
-                    f"params[{i}].grad has elements sharing memory (e.g. made by expand()); "
-                    "it cannot be updated in place"
+                    f"params[{i}].grad has elements sharing memory (e.g. made by expand() or "
+                    "as_strided()); it cannot be updated in place"
                 )
             irregular.append(len(plan_grads))
             if r.shape != g_shape:

@@ -85,6 +85,8 @@ class ReferenceGradient:
                     )
                 if g.device != slot.device:
                     raise ValueError(f"params[{i}].grad is on {g.device}, the reference on {slot.device}")
+                if g.dtype != slot.dtype:  # a copy would silently round it
+                    raise TypeError(f"params[{i}].grad has dtype {g.dtype}, the reference {slot.dtype}")
             grads.append(g)
         for i, (g, slot) in enumerate(zip(grads, self._slots)):
             if g is not None:

@@ -15,11 +15,15 @@ from ._plan import Plan
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-# CPU dot products run over pieces of this many elements: BLAS sdot accumulates long
-# vectors in a few fp32 lanes (relative error ~1e-5 at 2M elements of one sign);
-# summing 2^17-element partials in fp64 keeps it within ~2e-6 (measured on 10^6
-# elements) for a few microseconds of call overhead per piece.
-_CPU_PIECE = 1 << 17
+# On the CPU, dot products are taken over rows of _ROW elements with batched matrix
+# products (torch.bmm), _PIECE elements per call, and the row partials are summed in
+# fp64. Why not torch.dot on whole tensors: BLAS sdot accumulates a long vector in a
+# few fp32 lanes (relative error ~1e-5 at 2M elements of one sign) and splits it over
+# threads, so its result changes with torch.set_num_threads (DESIGN section 1 wants
+# the same bits for any thread count). A row is one small product, computed whole by
+# one thread; a piece of 64 rows is reread from cache for <r,r>.
+_ROW = 1 << 12
+_PIECE = 1 << 18
 
 
 def dense_flat(t: torch.Tensor) -> torch.Tensor | None:
@@ -58,30 +62,73 @@ def _as_accum(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in _LOW_PRECISION else x
 
 
-def _pieces(*flats: torch.Tensor, piece):
-    if piece is None or flats[0].numel() <= piece:
-        return (flats,)
-    return zip(*(f.split(piece) for f in flats))
+def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list) -> None:
+    """Append <g,r> (when g is given) and <r,r> of one flat tensor pair to `dots` and
+    `sqs`, as (1, 1, 1) tensors: computed per row of _ROW elements (the last row may be
+    shorter) and summed in fp64 in row order."""
+    n = r.numel()
+    # r's columns are transposed views of its rows: the same memory, and the layout
+    # BLAS handles fastest (a plain (k, _ROW, 1) view is about 2x slower here).
+    if n <= _ROW:  # one row (most tensors of a model): one product each
+        r_row = r.view(1, 1, n)
+        r_col = r_row.transpose(1, 2)
+        if g is not None:
+            dots.append(torch.bmm(g.view(1, 1, n), r_col))
+        sqs.append(torch.bmm(r_row, r_col))
+        return
+    full = n - n % _ROW
+    rows = _PIECE // _ROW
+    r_rows = r[:full].view(-1, 1, _ROW).split(rows)
+    g_rows = g[:full].view(-1, 1, _ROW).split(rows) if g is not None else None
+    if full < n:  # the short last row
+        r_rows += (r[full:].view(1, 1, n - full),)
+        if g is not None:
+            g_rows += (g[full:].view(1, 1, n - full),)
+    tensor_dots, tensor_sqs = [], []
+    for k, r_row in enumerate(r_rows):
+        r_col = r_row.transpose(1, 2)
+        # <g,r> then <r,r> back to back, so the second read of r hits the cache.
+        if g is not None:
+            tensor_dots.append(torch.bmm(g_rows[k], r_col))
+        tensor_sqs.append(torch.bmm(r_row, r_col))
+    # One partial per tensor: temporaries never grow with the size of the model.
+    if g is not None:
+        dots.append(_ordered_sum(tensor_dots, r.device).view(1, 1, 1))
+    sqs.append(_ordered_sum(tensor_sqs, r.device).view(1, 1, 1))
+
+
+def _ordered_sum(parts: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fp64 sum of the partials in a fixed order. On the CPU a 1-D cumsum is one
+    sequential scan (torch.sum may split a long vector over threads); a GPU reduction
+    of a given size is deterministic."""
+    if not parts:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    flat = torch.cat(parts).view(-1)
+    if device.type == "cpu":
+        return flat.double().cumsum(0)[-1]
+    return flat.sum(dtype=torch.float64)
 
 
 def _sums(plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp64 dot and ||r||^2 (per-tensor partials in fp32/fp64, summed in fp64)."""
-    piece = _CPU_PIECE if plan.device.type == "cpu" else None  # cuBLAS dots are tree reductions
+    """fp64 dot and ||r||^2 (partials in fp32/fp64, summed in fp64)."""
     dots: List[torch.Tensor] = []
     sqs: List[torch.Tensor] = []
-    for g, r in zip(plan.grads, plan.refs):
-        gf, rf = _flat_pair(g, r)
-        for gp, rp in _pieces(_as_accum(gf), _as_accum(rf), piece=piece):
-            # <g,r> then <r,r> back to back, so the second read of r mostly hits cache.
-            dots.append(torch.dot(gp, rp))
-            sqs.append(torch.dot(rp, rp))
-    for r in plan.ref_only:
-        for (rp,) in _pieces(_as_accum(r.reshape(-1)), piece=piece):
-            sqs.append(torch.dot(rp, rp))
-    zero = torch.zeros((), dtype=torch.float64, device=plan.device)
-    dot = torch.stack(dots).sum(dtype=torch.float64) if dots else zero
-    rr = torch.stack(sqs).sum(dtype=torch.float64) if sqs else zero.clone()
-    return dot, rr
+    if plan.device.type == "cpu":
+        for g, r in zip(plan.grads, plan.refs):
+            gf, rf = _flat_pair(g, r)
+            _row_sums_cpu(_as_accum(gf), _as_accum(rf), dots, sqs)
+        for r in plan.ref_only:
+            _row_sums_cpu(None, _as_accum(r.reshape(-1)), dots, sqs)
+    else:  # cuBLAS dots are tree reductions, deterministic for a given device and size
+        for g, r in zip(plan.grads, plan.refs):
+            gf, rf = _flat_pair(g, r)
+            gf, rf = _as_accum(gf), _as_accum(rf)
+            dots.append(torch.dot(gf, rf).view(1))
+            sqs.append(torch.dot(rf, rf).view(1))
+        for r in plan.ref_only:
+            rf = _as_accum(r.reshape(-1))
+            sqs.append(torch.dot(rf, rf).view(1))
+    return _ordered_sum(dots, plan.device), _ordered_sum(sqs, plan.device)
 
 
 def decide(dot: torch.Tensor, rr: torch.Tensor, eps: float):

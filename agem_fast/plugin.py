@@ -228,7 +228,7 @@ class AGEMPlugin(_PluginBase):
     def _init_transient(self) -> None:
         self._reference: Optional[ReferenceGradient] = None
         self._reference_params: List[torch.Tensor] = []
-        self._reference_shapes: List[torch.Size] = []
+        self._reference_keys: List[tuple] = []  # (shape, dtype, device) per parameter
         self._numels: List[int] = []
         self._reference_ready = False
 
@@ -304,7 +304,7 @@ class AGEMPlugin(_PluginBase):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_reference", "_reference_params", "_reference_shapes", "_numels",
+        for key in ("_reference", "_reference_params", "_reference_keys", "_numels",
                     "_reference_ready"):
             state.pop(key, None)
         return state
@@ -471,20 +471,21 @@ class AGEMPlugin(_PluginBase):
     def _reference_for(self, params: List[torch.Tensor]) -> ReferenceGradient:
         """The ReferenceGradient for these parameters, allocated once per parameter set.
 
-        Reallocated only when the parameters change (a new head, a resized tensor).
+        Reallocated only when the parameters change (a new head, a resized tensor, a
+        model moved to another dtype or device).
         """
         same = (
             self._reference is not None
             and len(params) == len(self._reference_params)
             and all(
-                p is q and p.shape == s
-                for p, q, s in zip(params, self._reference_params, self._reference_shapes)
+                p is q and (p.shape, p.dtype, p.device) == k
+                for p, q, k in zip(params, self._reference_params, self._reference_keys)
             )
         )
         if not same:
             self._reference = ReferenceGradient(params)
             self._reference_params = list(params)
-            self._reference_shapes = [p.shape for p in params]
+            self._reference_keys = [(p.shape, p.dtype, p.device) for p in params]
             self._numels = [p.numel() for p in params]
         return self._reference
 

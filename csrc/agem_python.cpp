@@ -65,6 +65,7 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
     return py::none();
   }
 
+  const bool inference_mode = c10::InferenceMode::is_enabled();
   std::optional<at::Device> device;
   const char* flat_base = nullptr;
   int64_t flat_offset = 0;
@@ -76,6 +77,10 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
   seen.reserve(2 * static_cast<size_t>(n));
   std::vector<at::Tensor> grads;  // updated in place: their version counters are bumped
   grads.reserve(n);
+  // Owned references to every list entry read: the kernels run without the GIL, when
+  // another thread could drop the caller's last reference to one of them.
+  std::vector<at::Tensor> held_refs;
+  if (!flat_form) held_refs.reserve(n);
   struct RefOnly { const void* r; int64_t numel; at::ScalarType dtype; };
   std::vector<RefOnly> ref_only;
   Table table;
@@ -106,6 +111,7 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       if (!THPVariable_Check(r_obj)) return py::none();
       const at::Tensor& rt = THPVariable_Unpack(r_obj);
       if (!plain(rt) || !same_device(device, rt)) return py::none();
+      held_refs.push_back(rt);
       r = rt.data_ptr();
       r_numel = rt.numel();
       r_dtype = rt.scalar_type();
@@ -120,8 +126,8 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       continue;
     }
     if (!plain(g) || g.scalar_type() != r_dtype || g.numel() != r_numel || !r_order_ok ||
-        !same_device(device, g)) {
-      return py::none();
+        !same_device(device, g) || (g.is_inference() && !inference_mode)) {
+      return py::none();  // an inference grad outside inference mode: the planner raises
     }
     table.add(g.data_ptr(), r, r_numel, dtype_code(r_dtype));
     grads.push_back(g);

@@ -597,6 +597,45 @@ def test_reference_gradient_reallocated_when_parameters_change():
     plugin.after_backward(strategy)
 
 
+class _CastInput(nn.Module):
+    """A linear model that casts its input to its own dtype (survives model.double())."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x.to(self.lin.weight.dtype))
+
+
+def test_reference_follows_a_model_moved_to_another_dtype():
+    """model.double() keeps the Parameter objects but changes their dtype: the plugin
+    must reallocate its reference (not round fp64 grads into fp32 slots, nor fail)."""
+    gen = torch.Generator().manual_seed(3)
+    plugin = AGEMPlugin(4, 4)
+    plugin.update_memory(make_dataset(torch.randn(6, 3, generator=gen), torch.arange(6) % 2))
+    model = _CastInput()
+    strategy = fake_strategy(model)
+    plugin.before_training_iteration(strategy)
+    first = plugin.reference_gradient
+    model.double()
+    plugin.before_training_iteration(strategy)
+    assert plugin.reference_gradient is not first
+    ref = plugin.reference_gradients
+    assert ref.dtype == torch.float64
+    # a current gradient opposed to the reference: projected exactly as in float64
+    noise = torch.randn(ref.numel(), generator=gen, dtype=torch.float64)
+    g = -ref + 0.1 * noise * ref.abs().max()
+    off = 0
+    for p in model.parameters():
+        p.grad = g[off:off + p.numel()].view_as(p).clone()
+        off += p.numel()
+    plugin.after_backward(strategy)
+    coef = torch.dot(g, ref) / torch.dot(ref, ref)
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, g - coef * ref, rtol=1e-12, atol=1e-12)
+
+
 def test_load_state_dict_rejects_other_configuration():
     plugin = AGEMPlugin(10, 10)
     with pytest.raises(ValueError, match="sample_size"):

@@ -623,3 +623,56 @@ def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits):
     coef = torch.tensor(-0.5, dtype=torch.float64)
     _torch_backend._update_device(plan, coef, torch.tensor(False))
     assert p.grad is g and torch.equal(bits(p.grad), before), "the gradient's bits changed"
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_cpu_bitwise_identical_for_any_thread_count(threads, backend):
+    """DESIGN section 1: the same bits whatever torch.set_num_threads says. Sizes from a
+    few elements to several 2^18-element pieces (BLAS splits a long dot over threads
+    from about 8K elements on), with odd tails, every dtype, a reference-only entry
+    and a non-dense pair."""
+    specs = [Spec((300_001,), torch.float32), Spec((5, 7), torch.float16), Spec((70_000,), torch.float64),
+             Spec((4096 * 3 + 5,), torch.bfloat16), Spec((33, 1000), torch.float32, glayout="transposed"),
+             Spec((9000,), torch.float32, grad=False), Spec((600_000,), torch.float32)]
+    case = build_case(specs, 5, alpha=-0.4, device="cpu")
+    saved = [None if p.grad is None else p.grad.clone() for p in case.params]
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            for p, g in zip(case.params, saved):
+                if g is not None:
+                    p.grad.copy_(g)
+            res = agem_fast.project_(case.params, case.ref_arg)
+            outs.append((res, [None if p.grad is None else bits(p.grad) for p in case.params]))
+    finally:
+        torch.set_num_threads(old)
+    (r1, g1), (r2, g2) = outs
+    assert bool(r1.projected)
+    for name in ("dot", "ref_sq_norm", "coef", "projected"):
+        assert torch.equal(bits(getattr(r1, name)), bits(getattr(r2, name))), name
+    for i, (a, b) in enumerate(zip(g1, g2)):
+        assert (a is None and b is None) or torch.equal(a, b), f"params[{i}].grad"
+
+
+@pytest.mark.parametrize("route", ["plain", "planned", "staged"])
+def test_updated_grads_have_their_version_bumped(route, backend, device):
+    """Every route writes the grads the way an in-place op does, so autograd can tell
+    a saved gradient was modified: the C++ fast path, the planner's ops, and pairs the
+    planner stages (grad and reference in different memory orders)."""
+    from agem_fast._api import _project_planned
+
+    specs = [Spec((6, 5), torch.float32), Spec((4, 4), torch.float32), Spec((7,), torch.float32)]
+    if route == "staged":
+        specs[0].glayout = "transposed"
+    case = build_case(specs, 8, alpha=-0.5, device=device)
+    before = [p.grad._version for p in case.params]
+    if route == "planned":
+        with torch.no_grad():
+            res = _project_planned(case.params, case.ref_arg, 0.0, None)
+    else:
+        res = agem_fast.project_(case.params, case.ref_arg)
+    assert bool(res.projected)
+    for i, (p, v) in enumerate(zip(case.params, before)):
+        assert p.grad._version > v, f"params[{i}].grad was written without a version bump"

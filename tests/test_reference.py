@@ -227,6 +227,10 @@ def _bad_capture(kind, params, device, gen):
         o = torch.empty(params[3].shape, device=device)
         o.grad = _vals(gen, o.shape, o.dtype, device).to_sparse()
         other[3] = o
+    elif kind == "dtype":
+        o = torch.empty(params[2].shape, dtype=torch.float64, device=device)
+        o.grad = _vals(gen, o.shape, o.dtype, device)  # a copy would round it silently
+        other[2] = o
     elif kind == "length":
         other = other[:-1]
     else:
@@ -234,7 +238,7 @@ def _bad_capture(kind, params, device, gen):
     return other
 
 
-@pytest.mark.parametrize("kind", ["shape", "shape_same_numel", "device", "sparse", "length"])
+@pytest.mark.parametrize("kind", ["shape", "shape_same_numel", "device", "sparse", "dtype", "length"])
 def test_capture_bad_input_raises_and_changes_nothing(kind, device):
     gen = torch.Generator().manual_seed(8)
     params = make_params(device)

@@ -168,6 +168,28 @@ def case_overlapping_grad(params, refs, device, gen):
     return params, refs, {}, IDX
 
 
+def case_partly_overlapping_grad(params, refs, device, gen):
+    # rows that share elements: torch can only answer "too hard" for such a view, and the
+    # backends would disagree on it (the order of the writes decides), so it is refused
+    shape = (3, 6)  # row i starts 4 elements after row i-1: rows share 2 elements
+    base = _vals(gen, (30,)).to(device=device, dtype=torch.float32)
+    p = torch.empty(shape, device=device)
+    p.grad = base.as_strided(shape, (4, 1))
+    params[BAD] = p
+    refs[BAD] = _vals(gen, shape).to(device=device, dtype=torch.float32)
+    return params, refs, {}, IDX
+
+
+def case_inference_grad(params, refs, device, gen):
+    # outside inference mode an inference tensor cannot be written in place: refused
+    # up front, not half-way through the update
+    p = torch.empty(SHAPES[BAD], device=device)
+    with torch.inference_mode():
+        p.grad = params[BAD].grad.clone()
+    params[BAD] = p
+    return params, refs, {}, IDX
+
+
 def case_duplicate_param(params, refs, device, gen):
     params[BAD] = params[BAD - 1]
     return params, refs, {}, IDX
