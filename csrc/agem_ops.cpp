@@ -76,14 +76,14 @@ Table build_table(at::TensorList grads, at::TensorList refs, at::TensorList ref_
     const int32_t code = checked_dtype_code(g, "grads", i);
     TORCH_CHECK_TYPE(r.scalar_type() == g.scalar_type(), "agem_fast: refs[", i, "] is ",
                      r.scalar_type(), " but grads[", i, "] is ", g.scalar_type());
-    table.add(g.data_ptr(), r.data_ptr(), r.numel(), code);
+    table.add(g.data_ptr(), r.const_data_ptr(), r.numel(), code);
   }
   table.end_pairs();
   for (size_t i = 0; i < ref_only.size(); ++i) {
     const at::Tensor& r = ref_only[i];
     TORCH_CHECK_VALUE(r.device() == device, "agem_fast: ref_only[", i, "] is not on ", device);
     check_dense(r, "ref_only", i);
-    table.add(nullptr, r.data_ptr(), r.numel(), checked_dtype_code(r, "ref_only", i));
+    table.add(nullptr, r.const_data_ptr(), r.numel(), checked_dtype_code(r, "ref_only", i));
   }
   return table;
 }

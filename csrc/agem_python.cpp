@@ -9,8 +9,9 @@
 // charge of errors, odd layouts, tensor subclasses and torch.compile.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
-#include <unordered_set>
+#include <vector>
 
 #include "agem_ops.h"
 
@@ -71,10 +72,12 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
   int64_t flat_offset = 0;
   if (flat_form) {
     device = flat.device();
-    flat_base = static_cast<const char*>(flat.data_ptr());
+    flat_base = static_cast<const char*>(flat.const_data_ptr());
   }
-  std::unordered_set<const c10::TensorImpl*> seen;
-  seen.reserve(2 * static_cast<size_t>(n));
+  // Every parameter, to refuse one listed twice (checked once, before any write: a
+  // sorted vector costs no allocation per tensor, unlike a hash set).
+  std::vector<const c10::TensorImpl*> seen;
+  seen.reserve(n);
   std::vector<at::Tensor> grads;  // updated in place: their version counters are bumped
   grads.reserve(n);
   // Owned references to every list entry read: the kernels run without the GIL, when
@@ -91,7 +94,7 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
     if (!THPVariable_Check(p_obj)) return py::none();
     const at::Tensor& p = THPVariable_Unpack(p_obj);
     if (p.unsafeGetTensorImpl()->is_python_dispatch()) return py::none();
-    if (!seen.insert(p.unsafeGetTensorImpl()).second) return py::none();  // listed twice
+    seen.push_back(p.unsafeGetTensorImpl());
     const at::Tensor& g = p.grad();
 
     // The reference: a slice of the flat tensor (by pointer: no view is made), or the
@@ -112,7 +115,7 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       const at::Tensor& rt = THPVariable_Unpack(r_obj);
       if (!plain(rt) || !same_device(device, rt)) return py::none();
       held_refs.push_back(rt);
-      r = rt.data_ptr();
+      r = rt.const_data_ptr();  // read only: no copy-on-write materialisation
       r_numel = rt.numel();
       r_dtype = rt.scalar_type();
       r_order_ok = !g.defined() || same_order(g, rt);
@@ -133,6 +136,8 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
     grads.push_back(g);
   }
   if (flat_form && flat_offset != flat.numel()) return py::none();
+  std::sort(seen.begin(), seen.end());
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) return py::none();  // listed twice
   if (!device) return py::none();  // no tensor at all: the planner answers
   table.end_pairs();
   for (const RefOnly& e : ref_only) table.add(nullptr, e.r, e.numel, dtype_code(e.dtype));

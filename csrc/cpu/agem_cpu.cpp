@@ -72,14 +72,22 @@ namespace {
 // parallel over chunks. Each chunk's work is independent of the thread that does it.
 // Each thread walks its contiguous range of chunks forwards, or backwards with
 // `backwards`: pass 2 does, so that it starts on what pass 1 read last (still in cache).
+// The owning entry is looked up once per range, then followed step by step (thousands
+// of tiny tensors would otherwise pay a binary search per chunk).
 template <typename Fn>
 void for_each_chunk(const Table& table, int64_t n_chunks, bool backwards, Fn&& fn) {
   const TensorEntry* entries = table.entries.data();
   const int64_t n_entries = static_cast<int64_t>(table.entries.size());
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    int64_t idx = find_entry(entries, n_entries, backwards ? end - 1 : begin);
     for (int64_t k = begin; k < end; ++k) {
       const int64_t c = backwards ? end - 1 - (k - begin) : k;
-      const TensorEntry& e = entries[find_entry(entries, n_entries, c)];
+      if (backwards) {
+        while (entries[idx].chunk_begin > c) --idx;
+      } else {
+        while (idx + 1 < n_entries && entries[idx + 1].chunk_begin <= c) ++idx;
+      }
+      const TensorEntry& e = entries[idx];  // = entries[find_entry(entries, n_entries, c)]
       const ChunkRange cr = chunk_range(e, c);
       dispatch_dtype(e.dtype, [&](auto tag) { fn(c, e, cr, tag); });
     }
