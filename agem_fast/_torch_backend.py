@@ -84,29 +84,40 @@ def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list
         r_rows += (r[full:].view(1, 1, n - full),)
         if g is not None:
             g_rows += (g[full:].view(1, 1, n - full),)
-    tensor_dots, tensor_sqs = [], []
+    # One partial per row, written in place; then one per tensor, so temporaries never
+    # grow with the size of the model.
+    n_rows = -(-n // _ROW)
+    row_sqs = torch.empty(n_rows, 1, 1, dtype=r.dtype)
+    row_dots = torch.empty(n_rows, 1, 1, dtype=r.dtype) if g is not None else None
+    start = 0
     for k, r_row in enumerate(r_rows):
+        stop = start + r_row.shape[0]
         r_col = r_row.transpose(1, 2)
         # <g,r> then <r,r> back to back, so the second read of r hits the cache.
         if g is not None:
-            tensor_dots.append(torch.bmm(g_rows[k], r_col))
-        tensor_sqs.append(torch.bmm(r_row, r_col))
-    # One partial per tensor: temporaries never grow with the size of the model.
+            torch.bmm(g_rows[k], r_col, out=row_dots[start:stop])
+        torch.bmm(r_row, r_col, out=row_sqs[start:stop])
+        start = stop
     if g is not None:
-        dots.append(_ordered_sum(tensor_dots, r.device).view(1, 1, 1))
-    sqs.append(_ordered_sum(tensor_sqs, r.device).view(1, 1, 1))
+        dots.append(_in_order_sum(row_dots).view(1, 1, 1))
+    sqs.append(_in_order_sum(row_sqs).view(1, 1, 1))
+
+
+def _in_order_sum(x: torch.Tensor) -> torch.Tensor:
+    """fp64 sum of a CPU tensor's elements in index order: a 1-D cumsum is one sequential
+    scan, where torch.sum may split a long vector over threads."""
+    return x.reshape(-1).double().cumsum(0)[-1]
 
 
 def _ordered_sum(parts: List[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """fp64 sum of the partials in a fixed order. On the CPU a 1-D cumsum is one
-    sequential scan (torch.sum may split a long vector over threads); a GPU reduction
-    of a given size is deterministic."""
+    """fp64 sum of equally shaped partials in list order (on a GPU, a reduction of a
+    given size is deterministic)."""
     if not parts:
         return torch.zeros((), dtype=torch.float64, device=device)
-    flat = torch.cat(parts).view(-1)
+    stacked = torch.stack(parts)
     if device.type == "cpu":
-        return flat.double().cumsum(0)[-1]
-    return flat.sum(dtype=torch.float64)
+        return _in_order_sum(stacked)
+    return stacked.sum(dtype=torch.float64)
 
 
 def _sums(plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
