@@ -63,19 +63,20 @@ def _as_accum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list) -> None:
-    """Append <g,r> (when g is given) and <r,r> of one flat tensor pair to `dots` and
+    """Append <g,r> (when g is given) and <r,r> of one contiguous pair to `dots` and
     `sqs`, as (1, 1, 1) tensors: computed per row of _ROW elements (the last row may be
     shorter) and summed in fp64 in row order."""
     n = r.numel()
-    # r's columns are transposed views of its rows: the same memory, and the layout
-    # BLAS handles fastest (a plain (k, _ROW, 1) view is about 2x slower here).
     if n <= _ROW:  # one row (most tensors of a model): one product each
-        r_row = r.view(1, 1, n)
-        r_col = r_row.transpose(1, 2)
+        r_col = r.view(1, n, 1)
         if g is not None:
             dots.append(torch.bmm(g.view(1, 1, n), r_col))
-        sqs.append(torch.bmm(r_row, r_col))
+        sqs.append(torch.bmm(r.view(1, 1, n), r_col))
         return
+    # Longer tensors: pieces of rows. r's columns are transposed views of its rows (the
+    # layout BLAS handles fastest here: a plain (k, _ROW, 1) view is about 2x slower).
+    g = g.reshape(-1) if g is not None else None
+    r = r.reshape(-1)
     full = n - n % _ROW
     rows = _PIECE // _ROW
     r_rows = r[:full].view(-1, 1, _ROW).split(rows)
@@ -126,8 +127,9 @@ def _sums(plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
     sqs: List[torch.Tensor] = []
     if plan.device.type == "cpu":
         for g, r in zip(plan.grads, plan.refs):
-            gf, rf = _flat_pair(g, r)
-            _row_sums_cpu(_as_accum(gf), _as_accum(rf), dots, sqs)
+            if not (g.is_contiguous() and r.is_contiguous()):
+                g, r = _flat_pair(g, r)
+            _row_sums_cpu(_as_accum(g), _as_accum(r), dots, sqs)
         for r in plan.ref_only:
             _row_sums_cpu(None, _as_accum(r.reshape(-1)), dots, sqs)
     else:  # cuBLAS dots are tree reductions, deterministic for a given device and size
