@@ -15,15 +15,16 @@ from ._plan import Plan
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-# On the CPU, dot products are taken over rows of _ROW elements with batched matrix
-# products (torch.bmm), _PIECE elements per call, and the row partials are summed in
-# fp64. Why not torch.dot on whole tensors: BLAS sdot accumulates a long vector in a
-# few fp32 lanes (relative error ~1e-5 at 2M elements of one sign) and splits it over
-# threads, so its result changes with torch.set_num_threads (DESIGN section 1 wants
-# the same bits for any thread count). A row is one small product, computed whole by
-# one thread; a piece of 64 rows is reread from cache for <r,r>.
+# On the CPU, <g,r> and <r,r> are summed per row of _ROW elements with torch's own
+# reductions (a product into a buffer of _PIECE elements, then one sum per row), and
+# the row partials are added in fp64 in index order. Each row is summed whole by one
+# thread (torch parallelises a reduction over its output rows), so the bits never
+# depend on the thread count, as DESIGN section 1 asks. Not BLAS: sdot splits a long
+# vector over threads (its bits change with torch.set_num_threads) and accumulates it
+# in a few fp32 lanes; a matmul may round fp32 inputs to bf16/tf32 when
+# torch.set_float32_matmul_precision allows it.
 _ROW = 1 << 12
-_PIECE = 1 << 18
+_PIECE = 1 << 20
 
 
 def dense_flat(t: torch.Tensor) -> torch.Tensor | None:
@@ -62,46 +63,41 @@ def _as_accum(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in _LOW_PRECISION else x
 
 
-def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list) -> None:
+def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list,
+                  buf: torch.Tensor) -> None:
     """Append <g,r> (when g is given) and <r,r> of one contiguous pair to `dots` and
-    `sqs`, as (1, 1, 1) tensors: computed per row of _ROW elements (the last row may be
-    shorter) and summed in fp64 in row order."""
+    `sqs` as 0-dim tensors. `buf`: scratch of r's dtype, at least min(numel, _PIECE)."""
     n = r.numel()
-    if n <= _ROW:  # one row (most tensors of a model): one product each
-        r_col = r.view(1, n, 1)
+    g = g.view(-1) if g is not None else None
+    r = r.view(-1)
+    if n <= _ROW:  # one row (most tensors of a model)
         if g is not None:
-            dots.append(torch.bmm(g.view(1, 1, n), r_col))
-        sqs.append(torch.bmm(r.view(1, 1, n), r_col))
+            dots.append(torch.linalg.vecdot(g, r))
+        sqs.append(torch.linalg.vecdot(r, r))
         return
-    # Longer tensors: pieces of rows. r's columns are transposed views of its rows (the
-    # layout BLAS handles fastest here: a plain (k, _ROW, 1) view is about 2x slower).
-    g = g.reshape(-1) if g is not None else None
-    r = r.reshape(-1)
-    full = n - n % _ROW
-    rows = _PIECE // _ROW
-    r_rows = r[:full].view(-1, 1, _ROW).split(rows)
-    g_rows = g[:full].view(-1, 1, _ROW).split(rows) if g is not None else None
-    if full < n:  # the short last row
-        r_rows += (r[full:].view(1, 1, n - full),)
-        if g is not None:
-            g_rows += (g[full:].view(1, 1, n - full),)
     # One partial per row, written in place; then one per tensor, so temporaries never
     # grow with the size of the model.
     n_rows = -(-n // _ROW)
-    row_sqs = torch.empty(n_rows, 1, 1, dtype=r.dtype)
-    row_dots = torch.empty(n_rows, 1, 1, dtype=r.dtype) if g is not None else None
-    start = 0
-    for k, r_row in enumerate(r_rows):
-        stop = start + r_row.shape[0]
-        r_col = r_row.transpose(1, 2)
+    row_sqs = torch.empty(n_rows, dtype=r.dtype)
+    row_dots = torch.empty(n_rows, dtype=r.dtype) if g is not None else None
+    for start in range(0, n, _PIECE):
+        m = min(_PIECE, n - start)
+        rows = -(-m // _ROW)
+        first = start // _ROW
+        rp = r[start : start + m]
         # <g,r> then <r,r> back to back, so the second read of r hits the cache.
-        if g is not None:
-            torch.bmm(g_rows[k], r_col, out=row_dots[start:stop])
-        torch.bmm(r_row, r_col, out=row_sqs[start:stop])
-        start = stop
+        for out, a in ((row_dots, g), (row_sqs, r)):
+            if out is None:
+                continue
+            prod = torch.mul(a[start : start + m], rp, out=buf[:m])
+            full = m - m % _ROW
+            if full:
+                torch.sum(prod[:full].view(-1, _ROW), 1, out=out[first : first + full // _ROW])
+            if full < m:  # the tensor's short last row
+                torch.sum(prod[full:], 0, out=out[first + rows - 1])
     if g is not None:
-        dots.append(_in_order_sum(row_dots).view(1, 1, 1))
-    sqs.append(_in_order_sum(row_sqs).view(1, 1, 1))
+        dots.append(_in_order_sum(row_dots))
+    sqs.append(_in_order_sum(row_sqs))
 
 
 def _in_order_sum(x: torch.Tensor) -> torch.Tensor:
@@ -126,12 +122,26 @@ def _sums(plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
     dots: List[torch.Tensor] = []
     sqs: List[torch.Tensor] = []
     if plan.device.type == "cpu":
+        # One scratch buffer per accumulation dtype, sized once for the largest tensor
+        # (at most _PIECE elements).
+        largest = max((r.numel() for r in plan.refs + plan.ref_only), default=0)
+        size = min(max(largest, 1), _PIECE)
+        bufs = {}
+
+        def scratch(dtype):
+            buf = bufs.get(dtype)
+            if buf is None:
+                buf = bufs[dtype] = torch.empty(size, dtype=dtype)
+            return buf
+
         for g, r in zip(plan.grads, plan.refs):
             if not (g.is_contiguous() and r.is_contiguous()):
                 g, r = _flat_pair(g, r)
-            _row_sums_cpu(_as_accum(g), _as_accum(r), dots, sqs)
+            g, r = _as_accum(g), _as_accum(r)
+            _row_sums_cpu(g, r, dots, sqs, scratch(r.dtype))
         for r in plan.ref_only:
-            _row_sums_cpu(None, _as_accum(r.reshape(-1)), dots, sqs)
+            r = _as_accum(r.reshape(-1))
+            _row_sums_cpu(None, r, dots, sqs, scratch(r.dtype))
     else:  # cuBLAS dots are tree reductions, deterministic for a given device and size
         for g, r in zip(plan.grads, plan.refs):
             gf, rf = _flat_pair(g, r)

@@ -676,3 +676,31 @@ def test_updated_grads_have_their_version_bumped(route, backend, device):
     assert bool(res.projected)
     for i, (p, v) in enumerate(zip(case.params, before)):
         assert p.grad._version > v, f"params[{i}].grad was written without a version bump"
+
+
+def test_cpu_sums_ignore_the_float32_matmul_precision(backend):
+    """torch.set_float32_matmul_precision("medium") lets fp32 matmuls round their inputs
+    to bf16 on CPUs that have it; the sums must not go through such a path (the same
+    bits as under "highest", and the oracle's accuracy)."""
+    specs = [Spec((300_001,), torch.float32), Spec((64, 70), torch.float32), Spec((9,), torch.float32)]
+    case = build_case(specs, 6, alpha=-0.4, device="cpu")
+    saved = [p.grad.clone() for p in case.params]
+    old = torch.get_float32_matmul_precision()
+    outs = []
+    try:
+        for precision in ("highest", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            for p, g in zip(case.params, saved):
+                p.grad.copy_(g)
+            res = agem_fast.project_(case.params, case.ref_arg)
+            outs.append((res, [bits(p.grad) for p in case.params]))
+    finally:
+        torch.set_float32_matmul_precision(old)
+    (r1, g1), (r2, g2) = outs
+    for name in ("dot", "ref_sq_norm", "coef"):
+        assert torch.equal(bits(getattr(r1, name)), bits(getattr(r2, name))), name
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    exact = oracle(saved, case.refs)
+    assert abs(float(r2.dot) - exact.dot) <= 1e-6 * abs(exact.dot)
+    assert abs(float(r2.ref_sq_norm) - exact.rr) <= 1e-6 * exact.rr
