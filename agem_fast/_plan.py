@@ -218,8 +218,9 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
             # shapes; anything else gets g's shape and is flagged for the backends.
             if _overlaps(g):
                 raise ValueError(
-                    f"params[{i}].grad has elements sharing memory (e.g. made by expand() or "
-                    "as_strided()); it cannot be updated in place"
+                    f"params[{i}].grad has elements sharing memory, or strides too irregular "
+                    "to prove they do not (e.g. made by expand() or as_strided()); it cannot "
+                    "be updated in place"
                 )
             irregular.append(len(plan_grads))
             if r.shape != g_shape:

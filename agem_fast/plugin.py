@@ -228,7 +228,7 @@ class AGEMPlugin(_PluginBase):
     def _init_transient(self) -> None:
         self._reference: Optional[ReferenceGradient] = None
         self._reference_params: List[torch.Tensor] = []
-        self._reference_keys: List[tuple] = []  # (shape, dtype, device) per parameter
+        self._reference_keys: List[tuple] = []  # (shape, strides, dtype, device) per parameter
         self._numels: List[int] = []
         self._reference_ready = False
 
@@ -472,20 +472,20 @@ class AGEMPlugin(_PluginBase):
         """The ReferenceGradient for these parameters, allocated once per parameter set.
 
         Reallocated only when the parameters change (a new head, a resized tensor, a
-        model moved to another dtype or device).
+        model moved to another dtype, device or memory format).
         """
         same = (
             self._reference is not None
             and len(params) == len(self._reference_params)
             and all(
-                p is q and (p.shape, p.dtype, p.device) == k
+                p is q and (p.shape, p.stride(), p.dtype, p.device) == k
                 for p, q, k in zip(params, self._reference_params, self._reference_keys)
             )
         )
         if not same:
             self._reference = ReferenceGradient(params)
             self._reference_params = list(params)
-            self._reference_keys = [(p.shape, p.dtype, p.device) for p in params]
+            self._reference_keys = [(p.shape, p.stride(), p.dtype, p.device) for p in params]
             self._numels = [p.numel() for p in params]
         return self._reference
 

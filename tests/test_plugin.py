@@ -636,6 +636,22 @@ def test_reference_follows_a_model_moved_to_another_dtype():
     torch.testing.assert_close(got, g - coef * ref, rtol=1e-12, atol=1e-12)
 
 
+def test_reference_follows_a_model_moved_to_channels_last():
+    """model.to(memory_format=channels_last) keeps the Parameter objects but changes
+    their strides: the reference slots must follow, so each pair stays flat memory."""
+    gen = torch.Generator().manual_seed(4)
+    plugin = AGEMPlugin(4, 4)
+    plugin.update_memory(make_dataset(torch.randn(6, 2, 5, 5, generator=gen), torch.arange(6) % 2))
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(27, 2))
+    strategy = fake_strategy(model)
+    plugin.before_training_iteration(strategy)
+    model.to(memory_format=torch.channels_last)
+    plugin.before_training_iteration(strategy)
+    weight_slot = plugin.reference_gradient.as_list()[0]
+    assert weight_slot.is_contiguous(memory_format=torch.channels_last)
+    assert weight_slot.stride() == model[0].weight.stride()
+
+
 def test_load_state_dict_rejects_other_configuration():
     plugin = AGEMPlugin(10, 10)
     with pytest.raises(ValueError, match="sample_size"):
