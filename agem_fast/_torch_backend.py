@@ -82,19 +82,19 @@ def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list
     row_dots = torch.empty(n_rows, dtype=r.dtype) if g is not None else None
     for start in range(0, n, _PIECE):
         m = min(_PIECE, n - start)
-        rows = -(-m // _ROW)
-        first = start // _ROW
+        first = start // _ROW  # pieces hold whole rows, but for a tensor's last one
         rp = r[start : start + m]
         # <g,r> then <r,r> back to back, so the second read of r hits the cache.
         for out, a in ((row_dots, g), (row_sqs, r)):
             if out is None:
                 continue
             prod = torch.mul(a[start : start + m], rp, out=buf[:m])
-            full = m - m % _ROW
-            if full:
-                torch.sum(prod[:full].view(-1, _ROW), 1, out=out[first : first + full // _ROW])
-            if full < m:  # the tensor's short last row
-                torch.sum(prod[full:], 0, out=out[first + rows - 1])
+            full_rows = m // _ROW
+            if full_rows:
+                torch.sum(prod[: full_rows * _ROW].view(full_rows, _ROW), 1,
+                          out=out[first : first + full_rows])
+            if full_rows * _ROW < m:  # the tensor's short last row
+                torch.sum(prod[full_rows * _ROW :], 0, out=out[first + full_rows])
     if g is not None:
         dots.append(_in_order_sum(row_dots))
     sqs.append(_in_order_sum(row_sqs))
