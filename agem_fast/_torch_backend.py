@@ -107,8 +107,8 @@ def _in_order_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _ordered_sum(parts: List[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """fp64 sum of equally shaped partials in list order (on a GPU, a reduction of a
-    given size is deterministic)."""
+    """fp64 sum of 0-dim partials in list order (on a GPU, a reduction of a given size
+    is deterministic)."""
     if not parts:
         return torch.zeros((), dtype=torch.float64, device=device)
     stacked = torch.stack(parts)
@@ -123,34 +123,27 @@ def _sums(plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
     sqs: List[torch.Tensor] = []
     if plan.device.type == "cpu":
         # One scratch buffer per accumulation dtype, sized once for the largest tensor
-        # (at most _PIECE elements).
+        # (at most _PIECE elements): growing it call by call costs fresh pages.
         largest = max((r.numel() for r in plan.refs + plan.ref_only), default=0)
         size = min(max(largest, 1), _PIECE)
         bufs = {}
-
-        def scratch(dtype):
-            buf = bufs.get(dtype)
-            if buf is None:
-                buf = bufs[dtype] = torch.empty(size, dtype=dtype)
-            return buf
-
-        for g, r in zip(plan.grads, plan.refs):
-            if not (g.is_contiguous() and r.is_contiguous()):
+        for g, r in zip(plan.grads + [None] * len(plan.ref_only), plan.refs + plan.ref_only):
+            if g is not None and not (g.is_contiguous() and r.is_contiguous()):
                 g, r = _flat_pair(g, r)
-            g, r = _as_accum(g), _as_accum(r)
-            _row_sums_cpu(g, r, dots, sqs, scratch(r.dtype))
-        for r in plan.ref_only:
-            r = _as_accum(r.reshape(-1))
-            _row_sums_cpu(None, r, dots, sqs, scratch(r.dtype))
+            r = _as_accum(r if r.is_contiguous() else r.contiguous())
+            buf = bufs.get(r.dtype)
+            if buf is None:
+                buf = bufs[r.dtype] = torch.empty(size, dtype=r.dtype)
+            _row_sums_cpu(None if g is None else _as_accum(g), r, dots, sqs, buf)
     else:  # cuBLAS dots are tree reductions, deterministic for a given device and size
         for g, r in zip(plan.grads, plan.refs):
             gf, rf = _flat_pair(g, r)
             gf, rf = _as_accum(gf), _as_accum(rf)
-            dots.append(torch.dot(gf, rf).view(1))
-            sqs.append(torch.dot(rf, rf).view(1))
+            dots.append(torch.dot(gf, rf))
+            sqs.append(torch.dot(rf, rf))
         for r in plan.ref_only:
             rf = _as_accum(r.reshape(-1))
-            sqs.append(torch.dot(rf, rf).view(1))
+            sqs.append(torch.dot(rf, rf))
     return _ordered_sum(dots, plan.device), _ordered_sum(sqs, plan.device)
 
 
