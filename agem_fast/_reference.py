@@ -21,6 +21,10 @@ class ReferenceGradient:
     `capture_(params)` copies the current gradients in; a None grad marks the slot
     absent and zeroes it (it takes no part in the projection, as Avalanche's zeros would
     not, and `flat` matches Avalanche's concatenation).
+
+    A parameter of an integer or bool dtype (a frozen lookup table, say) can never
+    have a gradient: its slot is always absent, zeros of the other slots' dtype, so
+    `flat` still has Avalanche's layout.
     """
 
     def __init__(self, params: Iterable[torch.Tensor]):
@@ -28,23 +32,31 @@ class ReferenceGradient:
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
-            if p.dtype not in SUPPORTED_DTYPES:
+            if p.dtype not in SUPPORTED_DTYPES and _can_have_grad(p):
                 raise TypeError(f"params[{i}] has unsupported dtype {p.dtype}")
         self._shapes = [tuple(p.shape) for p in params]
         self._slots: List[torch.Tensor] = []
         self._present: List[bool] = [False] * len(params)
         self._buffer: Optional[torch.Tensor] = None
 
-        uniform = len({(p.dtype, p.device) for p in params}) == 1
-        if not uniform:
-            self._slots = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        kinds = {(p.dtype, p.device) for p in params if _can_have_grad(p)}
+        if len(kinds) > 1:
+            self._slots = [
+                torch.empty_like(p, memory_format=torch.preserve_format) if _can_have_grad(p)
+                else torch.zeros(p.shape, device=p.device)  # never present
+                for p in params
+            ]
             return
+        dtype, device = kinds.pop() if kinds else (torch.get_default_dtype(), _first_device(params))
         total = sum(p.numel() for p in params)
-        self._buffer = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
+        self._buffer = torch.empty(total, dtype=dtype, device=device)
         offset = 0
         for p in params:
             self._slots.append(self._buffer.as_strided(p.shape, _dense_strides_like(p), offset))
             offset += p.numel()
+        for p, slot in zip(params, self._slots):
+            if not _can_have_grad(p):
+                slot.zero_()
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -95,6 +107,15 @@ class ReferenceGradient:
                 slot.zero_()  # so `flat` stays Avalanche's layout (zeros for a None grad)
             self._present[i] = g is not None
         return self
+
+
+def _can_have_grad(p: torch.Tensor) -> bool:
+    """Only floating point and complex tensors can have gradients."""
+    return p.is_floating_point() or p.is_complex()
+
+
+def _first_device(params) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
 
 
 def _dense_strides_like(p: torch.Tensor):

@@ -190,8 +190,11 @@ class AGEMPlugin(_PluginBase):
     Attributes (as Avalanche's): `buffers` (one dataset per experience: a subset of
     the experience's dataset with memory="dataset", a `TensorMemory` with
     memory="tensor"), `reference_gradients` (the last reference gradient in
-    Avalanche's flat layout, zeros where a parameter had no gradient). Also
-    `reference_gradient`, the underlying `agem_fast.ReferenceGradient`.
+    Avalanche's flat layout, zeros where a parameter had no gradient; assignable, as
+    in Avalanche: `after_backward` then projects against the assigned flat tensor until
+    the next reference pass). Also `reference_gradient`, the underlying
+    `agem_fast.ReferenceGradient`. Avalanche's `buffer_dataloader` and
+    `buffer_dliter` do not exist: no DataLoader is used.
 
     Random numbers: the memory subset uses Python's `random` exactly as Avalanche
     does. Unlike Avalanche's memory loader, which draws one seed from the global
@@ -231,6 +234,7 @@ class AGEMPlugin(_PluginBase):
         self._reference_keys: List[tuple] = []  # (shape, strides, dtype, device) per parameter
         self._numels: List[int] = []
         self._reference_ready = False
+        self._assigned_reference: Optional[torch.Tensor] = None  # reference_gradients = ...
 
     @property
     def reference_gradient(self) -> Optional[ReferenceGradient]:
@@ -247,6 +251,8 @@ class AGEMPlugin(_PluginBase):
         overwritten by the next reference pass (clone it to keep it); otherwise a
         fresh concatenation.
         """
+        if self._assigned_reference is not None:
+            return self._assigned_reference
         ref = self.reference_gradient
         if ref is None:
             return torch.empty(0)
@@ -260,6 +266,14 @@ class AGEMPlugin(_PluginBase):
                 for p, n in zip(parts, self._numels)
             ]
         )
+
+    @reference_gradients.setter
+    def reference_gradients(self, value: torch.Tensor) -> None:
+        """Assignable, as in Avalanche: a 1-D tensor in Avalanche's flat layout that
+        `after_backward` projects against until the next reference pass replaces it."""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"reference_gradients must be a tensor, got {type(value).__name__}")
+        self._assigned_reference = value
 
     def state_dict(self) -> Dict[str, Any]:
         """Memory and sampling position, to resume a checkpointed run.
@@ -305,7 +319,7 @@ class AGEMPlugin(_PluginBase):
     def __getstate__(self):
         state = self.__dict__.copy()
         for key in ("_reference", "_reference_params", "_reference_keys", "_numels",
-                    "_reference_ready"):
+                    "_reference_ready", "_assigned_reference"):
             state.pop(key, None)
         return state
 
@@ -317,6 +331,7 @@ class AGEMPlugin(_PluginBase):
     def before_training_iteration(self, strategy, **kwargs):
         """Compute the reference gradient on a memory batch."""
         self._reference_ready = False
+        self._assigned_reference = None
         if len(self.buffers) == 0:
             return
         model = strategy.model
@@ -345,9 +360,12 @@ class AGEMPlugin(_PluginBase):
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
         """Project the current gradient against the reference gradient."""
-        if len(self.buffers) == 0 or not self._reference_ready:
+        if len(self.buffers) == 0:
             return
-        project_(list(strategy.model.parameters()), self._reference)
+        if self._assigned_reference is not None:
+            project_(list(strategy.model.parameters()), self._assigned_reference)
+        elif self._reference_ready:
+            project_(list(strategy.model.parameters()), self._reference)
 
     def after_training_exp(self, strategy, **kwargs):
         """Add patterns of the experience just trained on to the memory."""

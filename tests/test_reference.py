@@ -263,10 +263,48 @@ def test_capture_bad_input_raises_and_changes_nothing(kind, device):
 
 
 def test_unsupported_param_dtype_rejected():
+    # a complex parameter can have a gradient that no backend supports
     with pytest.raises(TypeError, match=r"\[1\]"):
-        agem_fast.ReferenceGradient([torch.empty(3), torch.empty(3, dtype=torch.int64)])
+        agem_fast.ReferenceGradient([torch.empty(3), torch.empty(3, dtype=torch.complex64)])
     with pytest.raises(TypeError, match=r"\[1\]"):
         agem_fast.ReferenceGradient([torch.empty(3), "weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_integer_params_are_always_absent_slots(dtype, device):
+    """An integer parameter (a frozen lookup table) can never have a gradient: its slot
+    is absent and zero, `flat` keeps Avalanche's layout, and the projection matches the
+    oracle with that parameter left out."""
+    gen = torch.Generator().manual_seed(12)
+    params = make_params(device, [dtype] * len(SHAPES))
+    table = torch.arange(6, device=device).view(2, 3)  # int64
+    params = params[:2] + [table] + params[2:]
+    rg = agem_fast.ReferenceGradient(params)
+    set_grads(params[:2], gen)
+    set_grads(params[3:], gen)
+    rg.capture_(params)
+    assert rg.present == [True, True, False] + [True] * (len(params) - 3)
+    assert rg.as_list()[2] is None
+    flat = rg.flat
+    assert flat is not None and flat.dtype == dtype
+    expected = torch.cat([p.grad.reshape(-1) if p.grad is not None
+                          else torch.zeros(p.numel(), dtype=dtype, device=device)
+                          for p in params])
+    assert_bit_identical(flat, expected, "rg.flat")
+    refs = [None if p.grad is None else p.grad.clone() for p in params]
+    cur = [None if p.grad is None else _vals(gen, p.shape, p.dtype, device) for p in params]
+    for form in (rg, flat):
+        for p, c in zip(params, cur):
+            p.grad = None if c is None else c.clone()
+        res = agem_fast.project_(params, form)
+        check_call(res, oracle(cur, refs), [p.grad for p in params], cur, device)
+    # with a mixed-dtype model there is no flat buffer, but the slot is still absent
+    mixed = [torch.empty(3, dtype=torch.float64, device=device), table,
+             torch.empty(2, dtype=torch.float32, device=device)]
+    rg = agem_fast.ReferenceGradient(mixed)
+    set_grads([mixed[0], mixed[2]], gen)
+    rg.capture_(mixed)
+    assert rg.flat is None and rg.present == [True, False, True]
 
 
 def test_flat_after_capturing_none_grads_is_avalanche_layout(backend, device):
