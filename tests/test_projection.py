@@ -628,12 +628,13 @@ def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits):
 @pytest.mark.parametrize("threads", [2, 3, 4])
 def test_cpu_bitwise_identical_for_any_thread_count(threads, backend):
     """DESIGN section 1: the same bits whatever torch.set_num_threads says. Sizes from a
-    few elements to several 2^18-element pieces (BLAS splits a long dot over threads
-    from about 8K elements on), with odd tails, every dtype, a reference-only entry
-    and a non-dense pair."""
+    few elements to two and a bit of the torch backend's 2^19-lane accumulator tiles
+    (an elementwise op splits its range over threads; BLAS would split a long dot from
+    about 8K elements on), with odd tails, every dtype, a reference-only entry and a
+    non-dense pair."""
     specs = [Spec((300_001,), torch.float32), Spec((5, 7), torch.float16), Spec((70_000,), torch.float64),
              Spec((4096 * 3 + 5,), torch.bfloat16), Spec((33, 1000), torch.float32, glayout="transposed"),
-             Spec((9000,), torch.float32, grad=False), Spec((600_000,), torch.float32)]
+             Spec((9000,), torch.float32, grad=False), Spec((1_100_003,), torch.float32)]
     case = build_case(specs, 5, alpha=-0.4, device="cpu")
     saved = [None if p.grad is None else p.grad.clone() for p in case.params]
     old = torch.get_num_threads()
