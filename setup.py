@@ -27,7 +27,10 @@ class build_py_with_sources(build_py):
 
 cmdclass = {"build_py": build_py_with_sources}
 ext_modules = []
-if os.environ.get("AGEM_FAST_BUILD_EXT") == "1":
+build_ext_flag = os.environ.get("AGEM_FAST_BUILD_EXT", "0").strip().lower()
+if build_ext_flag not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+    raise SystemExit(f"AGEM_FAST_BUILD_EXT must be 1 or 0, got {build_ext_flag!r}")
+if build_ext_flag in ("1", "true", "yes", "on"):
     import sys
 
     sys.path.insert(0, str(ROOT))

@@ -85,11 +85,17 @@ def main(argv=None) -> int:
     p_run = sub.add_parser("run", help="the default job (also what no command runs)")
     sub.add_parser("info", help="backend per device, build status and errors")
     sub.add_parser("build", help="compile the extension now (cached for later runs)")
-    for p in (parser, p_run):
-        p.add_argument("--workload", default="resnet18")
-        p.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-        p.add_argument("--repeats", type=int, default=20)
+    # The job's options work before or after `run`: the subcommand's copies default to
+    # SUPPRESS, so they never overwrite what was given before it.
+    for p, top in ((parser, True), (p_run, False)):
+        def default(value):
+            return value if top else argparse.SUPPRESS
+
+        p.add_argument("--workload", default=default("resnet18"))
+        p.add_argument("--device", default=default(None), help="cpu or cuda (default: best available)")
+        p.add_argument("--dtype", default=default("float32"),
+                       choices=["float32", "float16", "bfloat16", "float64"])
+        p.add_argument("--repeats", type=int, default=default(20))
     args = parser.parse_args(argv)
 
     if args.cmd == "info":
@@ -98,12 +104,19 @@ def main(argv=None) -> int:
         print(json.dumps(backend_info(), indent=2, default=str))
         return 0
     if args.cmd == "build":
-        from agem_fast import _extension
+        from agem_fast import _build, _extension
 
-        if _extension.load() is None:
+        # AGEM_FAST_BACKEND only chooses the backend of a call; `build` builds regardless.
+        if _extension.load(honour_backend_env=False) is None:
             print(f"agem_fast: build failed: {_extension.status()['error']}", file=sys.stderr)
             return 1
-        print(f"agem_fast: extension ready ({_extension.status()['source']}): {_extension.build_info()}")
+        info = _extension.build_info()
+        print(f"agem_fast: extension ready ({_extension.status()['source']}): {info}")
+        if _build.env_flag("AGEM_FAST_REQUIRE_CUDA") and not info["cuda"]:
+            why = _extension.status()["cuda_error"] or _build.want_cuda()[1]
+            print(f"agem_fast: AGEM_FAST_REQUIRE_CUDA=1 but the CUDA kernels were not built: {why}",
+                  file=sys.stderr)
+            return 1
         return 0
     return run(args.workload, args.device, args.dtype, args.repeats)
 

@@ -24,6 +24,24 @@ CXX_FLAGS = ["-O3", "-fopenmp"]  # torch adds its own -std (C++20 for torch 2.14
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case);
+    anything else is an error rather than a silent guess."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    value = value.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {os.environ[name]!r}")
+
+
 def csrc_dir() -> Path:
     """The C++/CUDA sources: shipped inside the package, or the repository's csrc/."""
     override = os.environ.get("AGEM_FAST_CSRC")
@@ -73,7 +91,7 @@ def find_cuda_home() -> Optional[str]:
 
 def want_cuda() -> tuple[bool, str]:
     """Whether to compile the CUDA kernels, and why not when not."""
-    if os.environ.get("AGEM_FAST_CUDA", "1") == "0":
+    if not env_flag("AGEM_FAST_CUDA", True):
         return False, "disabled by AGEM_FAST_CUDA=0"
     if torch.version.cuda is None:
         return False, "torch is not a CUDA build"
@@ -153,20 +171,31 @@ def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
     with build_environment(with_cuda):
         from torch.utils import cpp_extension
 
-        if not is_cached(name):
-            what = "C++ and CUDA" if with_cuda else "C++"
-            how_long = "a few minutes" if with_cuda else "about a minute"
-            print(f"agem_fast: compiling the {what} extension (first use only, {how_long})...",
-                  file=sys.stderr, flush=True)
-        return cpp_extension.load(
-            name=name,
-            sources=sources,
-            extra_cflags=CXX_FLAGS + (["-DAGEM_FAST_WITH_CUDA"] if with_cuda else []),
-            extra_cuda_cflags=NVCC_FLAGS + ["-DAGEM_FAST_WITH_CUDA"],
-            extra_ldflags=["-fopenmp"],
-            with_cuda=with_cuda,
-            verbose=verbose,
-        )
+        def compile_and_import():
+            if not is_cached(name):
+                what = "C++ and CUDA" if with_cuda else "C++"
+                how_long = "a few minutes" if with_cuda else "about a minute"
+                print(f"agem_fast: compiling the {what} extension (first use only, {how_long})...",
+                      file=sys.stderr, flush=True)
+            return cpp_extension.load(
+                name=name,
+                sources=sources,
+                extra_cflags=CXX_FLAGS + (["-DAGEM_FAST_WITH_CUDA"] if with_cuda else []),
+                extra_cuda_cflags=NVCC_FLAGS + ["-DAGEM_FAST_WITH_CUDA"],
+                extra_ldflags=["-fopenmp"],
+                with_cuda=with_cuda,
+                verbose=verbose,
+            )
+
+        try:
+            return compile_and_import()
+        except ImportError:
+            # The build is up to date but its library does not load (a damaged or
+            # foreign file in the cache): start that build afresh, once.
+            if not is_cached(name):
+                raise
+            shutil.rmtree(cpp_extension._get_build_directory(name, verbose=False), ignore_errors=True)
+            return compile_and_import()
 
 
 def extension_for_setup(root: Path):

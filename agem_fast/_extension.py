@@ -25,26 +25,35 @@ _state = {
 
 
 def _strict() -> bool:
-    return os.environ.get("AGEM_FAST_STRICT", "0") == "1"
+    from ._build import env_flag
+
+    return env_flag("AGEM_FAST_STRICT")
 
 
-def load(force: bool = False):
-    """Load the extension once per process; on failure warn once (or raise if strict)."""
+def _forced_torch() -> bool:
+    return os.environ.get("AGEM_FAST_BACKEND", "").strip().lower() == "torch"
+
+
+def load(force: bool = False, *, honour_backend_env: bool = True):
+    """Load the extension once per process; on failure warn once (or raise if strict).
+
+    With AGEM_FAST_BACKEND=torch nothing is built or loaded, and nothing is recorded:
+    the variable is read at every call, so setting it back later brings the extension
+    in. Other threads wait while one builds, rather than fall back meanwhile.
+    """
+    if honour_backend_env and _forced_torch():
+        return None
     if _state["attempted"] and not force:
         return _state["module"]
     with _lock:
         if _state["attempted"] and not force:
             return _state["module"]
-        _state.update(attempted=True, module=None, error=None, cuda_error=None)
-        if os.environ.get("AGEM_FAST_BACKEND", "").strip().lower() == "torch":
-            _state["status"] = "disabled"
-            _state["error"] = "AGEM_FAST_BACKEND=torch"
-            return None
+        _state.update(module=None, status="not loaded", source=None, cuda=False, error=None,
+                      cuda_error=None)
         try:
             module, source = _import_or_build()
         except Exception as exc:  # a compiler error, a missing toolkit, ...
-            _state["status"] = "failed"
-            _state["error"] = f"{type(exc).__name__}: {exc}"
+            _state.update(attempted=True, status="failed", error=f"{type(exc).__name__}: {exc}")
             if _strict():
                 raise RuntimeError(
                     "agem_fast: the C++/CUDA extension could not be built "
@@ -55,39 +64,47 @@ def load(force: bool = False):
                 RuntimeWarning, stacklevel=3)
             return None
         info = module.build_info()
-        _state.update(module=module, status="loaded", source=source, cuda=bool(info["cuda"]))
         _register_fake()
+        _state.update(module=module, status="loaded", source=source, cuda=bool(info["cuda"]))
+        _state["attempted"] = True  # last: a thread that sees it sees the whole state
         return module
 
 
 def _import_or_build():
-    if os.environ.get("AGEM_FAST_JIT", "0") != "1":
+    from . import _build
+
+    if not _build.env_flag("AGEM_FAST_JIT"):
         try:
             from . import _C  # built by `AGEM_FAST_BUILD_EXT=1 pip install .`
 
             return _C, "prebuilt"
         except ImportError:
             pass
-    from . import _build
-
+    if not _build.want_cuda()[0]:
+        return _build.jit_load(with_cuda=False), "jit"
     try:
-        return _build.jit_load(), "jit"
-    except Exception as exc:
-        if not _build.want_cuda()[0]:
-            raise
-        # The CUDA part failed (toolkit/arch mismatch, ...): keep the C++ kernels at least.
-        _state["cuda_error"] = f"{type(exc).__name__}: {exc}"
+        return _build.jit_load(with_cuda=True), "jit"
+    except Exception as cuda_exc:
         if _strict():
             raise
+        # Maybe only the CUDA part is at fault (toolkit/arch mismatch, ...): the C++
+        # kernels alone. If they fail too, the problem is not CUDA's: that error is the one
+        # reported, in one warning.
+        module = _build.jit_load(with_cuda=False)
+        _state["cuda_error"] = f"{type(cuda_exc).__name__}: {cuda_exc}"
         warnings.warn(
-            f"agem_fast: the CUDA kernels could not be built ({_first_line(exc)}); building the "
-            "C++ kernels only, CUDA tensors use the pure-PyTorch backend. "
+            f"agem_fast: the CUDA kernels could not be built ({_first_line(cuda_exc)}); "
+            "using the C++ kernels only, CUDA tensors use the pure-PyTorch backend. "
             "`python -m agem_fast info` shows the full reason.", RuntimeWarning, stacklevel=4)
-        return _build.jit_load(with_cuda=False), "jit"
+        return module, "jit"
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    """The line of an error that says what went wrong (a compiler's `error:` line rather
+    than ninja's command line), shortened for a warning."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    diagnostics = [ln for ln in lines if "error:" in ln.lower()]  # file:line: error: ...
+    return ((diagnostics or lines or [type(exc).__name__])[0])[:200]
 
 
 _fake_registered = False
@@ -127,7 +144,10 @@ def supports(device_type: str) -> bool:
 
 def status() -> dict:
     """Build/load state without triggering a build."""
-    return {k: v for k, v in _state.items() if k not in ("module", "attempted")}
+    state = {k: v for k, v in _state.items() if k not in ("module", "attempted")}
+    if _forced_torch():
+        state.update(status="disabled", error="AGEM_FAST_BACKEND=torch")
+    return state
 
 
 def _prepare(plan: Plan):

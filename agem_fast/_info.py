@@ -15,12 +15,21 @@ def backend_info() -> dict:
     from . import __version__, _build, _extension
     from ._api import backend_for
 
+    def backend_or_why(device: torch.device) -> str:
+        try:
+            return backend_for(device)
+        except Exception as exc:  # e.g. AGEM_FAST_BACKEND=extension with no kernels
+            return f"error: {exc}"
+
     _extension.load()
-    devices = {"cpu": backend_for(torch.device("cpu"))}
+    devices = {"cpu": backend_or_why(torch.device("cpu"))}
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            devices[f"cuda:{i}"] = backend_for(torch.device("cuda", i))
-    with_cuda, why_not = _build.want_cuda()
+            devices[f"cuda:{i}"] = backend_or_why(torch.device("cuda", i))
+    try:
+        with_cuda, why_not = _build.want_cuda()
+    except ValueError as exc:  # a malformed AGEM_FAST_CUDA
+        with_cuda, why_not = False, str(exc)
     return {
         "agem_fast": __version__,
         "torch": torch.__version__,

@@ -1,7 +1,9 @@
 """The build machinery: toolkit discovery, fallback on a failed build, register spills."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -66,7 +68,9 @@ with warnings.catch_warnings(record=True) as caught:
         p.grad.copy_(torch.tensor([1., 2., 3., 4., 5.]))
         res = agem_fast.project_([p], [r])
 print("WARNINGS", sum("could not be built" in str(w.message) for w in caught))
+print("MESSAGES", [str(w.message) for w in caught if "could not be built" in str(w.message)])
 print("STATUS", _extension.status()["status"])
+print("CUDA_ERROR", _extension.status()["cuda_error"])
 print("BACKEND", agem_fast._api.backend_for(torch.device("cpu")))
 print("GRAD", p.grad.tolist())
 """
@@ -74,25 +78,102 @@ print("GRAD", p.grad.tolist())
 
 def _broken_sources(tmp_path: Path) -> Path:
     src = tmp_path / "csrc"
-    (src / "cpu").mkdir(parents=True)
-    (src / "agem_table.h").write_text("")
+    for name in _build.CPU_SOURCES + _build.CUDA_SOURCES + ["agem_table.h"]:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("")
     (src / "agem_ops.cpp").write_text("#error deliberately broken for the fallback test\n")
-    (src / "cpu" / "agem_cpu.cpp").write_text("")
     return src
 
 
+def _broken_env(tmp_path, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "AGEM_FAST_BACKEND"}
+    full_env.update({"AGEM_FAST_CSRC": str(_broken_sources(tmp_path)), "AGEM_FAST_CUDA": "0",
+                     "AGEM_FAST_JIT": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **env})
+    return full_env
+
+
 def _run_probe(tmp_path, **env):
-    full_env = {**os.environ, "AGEM_FAST_CSRC": str(_broken_sources(tmp_path)), "AGEM_FAST_CUDA": "0",
-                "AGEM_FAST_JIT": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **env}
-    full_env.pop("AGEM_FAST_BACKEND", None)
     return subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                          env=full_env, timeout=600)
+                          env=_broken_env(tmp_path, **env), timeout=600)
 
 
-def test_failed_build_warns_once_and_falls_back(tmp_path):
-    out = _run_probe(tmp_path, AGEM_FAST_STRICT="0")
+def test_info_reports_instead_of_raising_when_the_forced_backend_is_missing(tmp_path):
+    env = _broken_env(tmp_path, AGEM_FAST_BACKEND="extension", AGEM_FAST_STRICT="0")
+    out = subprocess.run([sys.executable, "-m", "agem_fast", "info"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout)
+    assert info["extension"]["status"] == "failed"
+    assert info["backends"]["cpu"].startswith("error: AGEM_FAST_BACKEND=extension"), info["backends"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, True), ("1", True), ("true", True), ("Yes", True), (" on ", True),
+    ("0", False), ("false", False), ("NO", False), ("off", False), ("", False),
+])
+def test_env_flags_accept_the_usual_spellings(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("AGEM_FAST_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("AGEM_FAST_CUDA", value)
+    assert _build.env_flag("AGEM_FAST_CUDA", True) is expected
+    if not expected:
+        assert _build.want_cuda() == (False, "disabled by AGEM_FAST_CUDA=0")
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "enabled"])
+def test_env_flags_refuse_anything_else(monkeypatch, value):
+    monkeypatch.setenv("AGEM_FAST_STRICT", value)
+    with pytest.raises(ValueError, match="AGEM_FAST_STRICT"):
+        _build.env_flag("AGEM_FAST_STRICT")
+
+
+def test_a_cached_build_that_does_not_import_is_rebuilt_once(tmp_path, monkeypatch):
+    """A damaged library in the extension cache (ninja sees it up to date, the import
+    fails) is deleted and built again, instead of failing in every process."""
+    from torch.utils import cpp_extension
+
+    build_dir = tmp_path / "agem_fast_ext"
+    build_dir.mkdir()
+    (build_dir / "agem_fast_ext.so").write_bytes(b"")
+    calls = []
+
+    def fake_load(**kwargs):
+        calls.append(build_dir.exists())
+        if len(calls) == 1:
+            raise ImportError("agem_fast_ext.so: file too short")
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(build_dir))
+    assert _build.jit_load(with_cuda=False) == "module"
+    assert calls == [True, False]  # the second attempt started from an empty cache
+    # a library that still fails after a fresh build is an error, not a loop
+    calls.clear()
+    build_dir.mkdir()
+    (build_dir / "agem_fast_ext.so").write_bytes(b"")
+
+    def always_fails(**kwargs):
+        calls.append(1)
+        (build_dir.mkdir(exist_ok=True), (build_dir / "agem_fast_ext.so").write_bytes(b""))
+        raise ImportError("still broken")
+
+    monkeypatch.setattr(cpp_extension, "load", always_fails)
+    with pytest.raises(ImportError, match="still broken"):
+        _build.jit_load(with_cuda=False)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("cuda", ["0", "1"])
+def test_failed_build_warns_once_and_falls_back(tmp_path, cuda):
+    """A broken C++ source: one warning, naming the compiler's error, whether or not the
+    CUDA kernels were wanted too (a failed CUDA build is retried without CUDA, and that
+    failing as well is not CUDA's fault)."""
+    out = _run_probe(tmp_path, AGEM_FAST_STRICT="0", AGEM_FAST_CUDA=cuda)
     assert out.returncode == 0, out.stderr
-    assert "WARNINGS 1" in out.stdout
+    assert "WARNINGS 1" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "deliberately broken" in out.stdout, out.stdout
+    assert "CUDA_ERROR None" in out.stdout, out.stdout
     assert "STATUS failed" in out.stdout
     assert "BACKEND torch" in out.stdout
     # dot = -15, rr = 5, coef = -3: g + 3 r = g - 3, computed by the fallback.
@@ -134,13 +215,35 @@ def test_cuda_kernels_have_no_register_spills(tmp_path):
     assert all(s == "0" and l == "0" for s, l in spills), report[-4000:]
 
 
+def _repo_copy(tmp_path: Path) -> Path:
+    """The tracked sources in a scratch folder: builds there leave nothing in the repo."""
+    dst = tmp_path / "repo"
+    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "results", "*.so"))
+    return dst
+
+
+def test_sdist_carries_the_cpp_and_cuda_sources(tmp_path):
+    import tarfile
+
+    src = _repo_copy(tmp_path)
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+                         capture_output=True, text=True, cwd=src, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("agem_fast-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for source in _build.CPU_SOURCES + _build.CUDA_SOURCES + ["agem_table.h", "agem_ops.h"]:
+        assert f"csrc/{source}" in names, sorted(names)
+
+
 def test_setup_py_prebuilds_the_extension_when_asked(tmp_path):
     """AGEM_FAST_BUILD_EXT=1 compiles agem_fast._C into the wheel, and it is used."""
     import zipfile
 
     env = {**os.environ, "AGEM_FAST_BUILD_EXT": "1", "AGEM_FAST_CUDA": "0"}  # C++ only: faster
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
-                          "-q", "-w", str(tmp_path / "wheel"), str(REPO)],
+                          "-q", "-w", str(tmp_path / "wheel"), str(_repo_copy(tmp_path))],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("agem_fast-*.whl")

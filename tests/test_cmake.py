@@ -35,10 +35,16 @@ def _cuda_hints():
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
-def test_cmake_builds_and_cpp_calls_the_op(tmp_path):
+@pytest.mark.parametrize("with_cuda", [False, True], ids=["cpu", "cuda"])
+def test_cmake_builds_and_cpp_calls_the_op(tmp_path, with_cuda):
+    """The C++ example calls the op on CPU tensors; the CUDA variant must also compile and
+    link the CUDA kernels (no GPU is needed for that)."""
+    if with_cuda and not _build.want_cuda()[0]:
+        pytest.skip("needs a CUDA build of libtorch and a CUDA toolkit")
     build = tmp_path / "build"
     configure = ["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", *_cuda_hints()]
+                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", *_cuda_hints(),
+                 f"-DAGEM_FAST_WITH_CUDA={'ON' if with_cuda else 'OFF'}"]
     out = subprocess.run(configure, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     out = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)],
@@ -50,3 +56,7 @@ def test_cmake_builds_and_cpp_calls_the_op(tmp_path):
                          timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "dot=-6 rr=3 coef=-2 projected=1 g=[-1, 0, 1]"
+    if with_cuda:  # the kernels are in the library
+        symbols = subprocess.run(["nm", "-C", str(build / "libagem_fast_ops.so")],
+                                 capture_output=True, text=True, timeout=120).stdout
+        assert "reduce_kernel" in symbols and "update_kernel" in symbols
