@@ -294,3 +294,35 @@ def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
     assert "WARNINGS ['agem_fast: the CUDA kernels could not be built" in out.stdout, out.stdout
     assert "STATUS loaded False True" in out.stdout, out.stdout
     assert "BACKEND cpu" in out.stdout, out.stdout
+
+
+def test_threads_wait_for_a_running_build(monkeypatch):
+    """While one thread builds, another asking for the extension waits for that build
+    instead of falling back to the torch backend in the meantime."""
+    import threading
+    import time
+
+    from agem_fast import _extension
+
+    class Module:
+        @staticmethod
+        def build_info():
+            return {"cuda": False}
+
+    building = threading.Event()
+
+    def slow_build():
+        building.set()
+        time.sleep(1.0)
+        return Module, "jit"
+
+    monkeypatch.delenv("AGEM_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_extension, "_import_or_build", slow_build)
+    monkeypatch.setattr(_extension, "_register_fake", lambda: None)  # no real ops here
+    monkeypatch.setattr(_extension, "_state", {**_extension._state, "attempted": False, "module": None})
+    builder = threading.Thread(target=_extension.load)
+    builder.start()
+    assert building.wait(10)
+    assert _extension.load() is Module  # not None: it waited for the build
+    builder.join()
+    assert _extension.status()["status"] == "loaded"
