@@ -35,7 +35,7 @@ def _cuda_hints():
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
-@pytest.mark.parametrize("with_cuda", [False, True], ids=["cpu", "cuda"])
+@pytest.mark.parametrize("with_cuda", [False, True], ids=["cpu_only", "with_gpu_kernels"])
 def test_cmake_builds_and_cpp_calls_the_op(tmp_path, with_cuda):
     """The C++ example calls the op on CPU tensors; the CUDA variant must also compile and
     link the CUDA kernels (no GPU is needed for that)."""
