@@ -85,17 +85,17 @@ def main(argv=None) -> int:
     p_run = sub.add_parser("run", help="the default job (also what no command runs)")
     sub.add_parser("info", help="backend per device, build status and errors")
     sub.add_parser("build", help="compile the extension now (cached for later runs)")
+    job_options = [
+        ("--workload", dict(default="resnet18")),
+        ("--device", dict(default=None, help="cpu or cuda (default: best available)")),
+        ("--dtype", dict(default="float32", choices=["float32", "float16", "bfloat16", "float64"])),
+        ("--repeats", dict(type=int, default=20)),
+    ]
     # The job's options work before or after `run`: the subcommand's copies default to
     # SUPPRESS, so they never overwrite what was given before it.
-    for p, top in ((parser, True), (p_run, False)):
-        def default(value):
-            return value if top else argparse.SUPPRESS
-
-        p.add_argument("--workload", default=default("resnet18"))
-        p.add_argument("--device", default=default(None), help="cpu or cuda (default: best available)")
-        p.add_argument("--dtype", default=default("float32"),
-                       choices=["float32", "float16", "bfloat16", "float64"])
-        p.add_argument("--repeats", type=int, default=default(20))
+    for flag, kwargs in job_options:
+        parser.add_argument(flag, **kwargs)
+        p_run.add_argument(flag, **{**kwargs, "default": argparse.SUPPRESS})
     args = parser.parse_args(argv)
 
     if args.cmd == "info":
