@@ -1,8 +1,9 @@
 """Pure-PyTorch backend: no compiler, no concatenation, no host sync on CUDA.
 
 Per tensor pair it reads g and r for <g,r> and <r,r>, then (only if projecting)
-updates g in place. Temporaries are at most one tensor's worth (fp16/bf16 upcasts),
-never proportional to the total parameter count.
+updates g in place. Temporaries are at most one tensor's worth (fp16/bf16 upcasts)
+and, on the CPU, two accumulators of at most 2^19 lanes: never proportional to the
+total parameter count.
 """
 
 from __future__ import annotations
