@@ -25,16 +25,15 @@ NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
 _TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
+_FALSE = ("0", "false", "no", "off")
 
 
 def env_flag(name: str, default: bool = False) -> bool:
-    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case);
-    anything else is an error rather than a silent guess."""
-    value = os.environ.get(name)
-    if value is None:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case); unset
+    or empty means `default`; anything else is an error rather than a silent guess."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
         return default
-    value = value.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -189,13 +188,20 @@ def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
 
         try:
             return compile_and_import()
-        except ImportError:
-            # The build is up to date but its library does not load (a damaged or
-            # foreign file in the cache): start that build afresh, once.
-            if not is_cached(name):
+        except ImportError as exc:
+            # The build is up to date but its library is damaged (truncated, not an ELF
+            # file): start that build afresh, once. Other import errors (a missing
+            # symbol, say) would come back after a rebuild: they are raised as they are.
+            if not (is_cached(name) and _damaged_library(exc)):
                 raise
             shutil.rmtree(cpp_extension._get_build_directory(name, verbose=False), ignore_errors=True)
             return compile_and_import()
+
+
+def _damaged_library(exc: ImportError) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("file too short", "invalid elf header", "elf load command",
+                                   "not a dynamic executable", "cannot read file data"))
 
 
 def extension_for_setup(root: Path):

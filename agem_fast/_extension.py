@@ -34,7 +34,7 @@ def _forced_torch() -> bool:
     return os.environ.get("AGEM_FAST_BACKEND", "").strip().lower() == "torch"
 
 
-def load(force: bool = False, *, honour_backend_env: bool = True):
+def load(*, honour_backend_env: bool = True):
     """Load the extension once per process; on failure warn once (or raise if strict).
 
     With AGEM_FAST_BACKEND=torch nothing is built or loaded, and nothing is recorded:
@@ -43,18 +43,19 @@ def load(force: bool = False, *, honour_backend_env: bool = True):
     """
     if honour_backend_env and _forced_torch():
         return None
-    if _state["attempted"] and not force:
+    if _state["attempted"]:
         return _state["module"]
     with _lock:
-        if _state["attempted"] and not force:
+        if _state["attempted"]:
             return _state["module"]
-        _state.update(module=None, status="not loaded", source=None, cuda=False, error=None,
-                      cuda_error=None)
+        strict = _strict()  # a malformed value raises here, before anything is recorded
         try:
             module, source = _import_or_build()
+            cuda = bool(module.build_info()["cuda"])
+            _register_fake()
         except Exception as exc:  # a compiler error, a missing toolkit, ...
             _state.update(attempted=True, status="failed", error=f"{type(exc).__name__}: {exc}")
-            if _strict():
+            if strict:
                 raise RuntimeError(
                     "agem_fast: the C++/CUDA extension could not be built "
                     "(AGEM_FAST_STRICT=1)") from exc
@@ -63,9 +64,7 @@ def load(force: bool = False, *, honour_backend_env: bool = True):
                 "pure-PyTorch backend. `python -m agem_fast info` shows the full reason.",
                 RuntimeWarning, stacklevel=3)
             return None
-        info = module.build_info()
-        _register_fake()
-        _state.update(module=module, status="loaded", source=source, cuda=bool(info["cuda"]))
+        _state.update(module=module, status="loaded", source=source, cuda=cuda)
         _state["attempted"] = True  # last: a thread that sees it sees the whole state
         return module
 
@@ -85,7 +84,7 @@ def _import_or_build():
     try:
         return _build.jit_load(with_cuda=True), "jit"
     except Exception as cuda_exc:
-        if _strict():
+        if _strict():  # already read once by load(): a malformed value raised there
             raise
         # Maybe only the CUDA part is at fault (toolkit/arch mismatch, ...): the C++
         # kernels alone. If they fail too, the problem is not CUDA's: that error is the one

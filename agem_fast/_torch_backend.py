@@ -1,9 +1,8 @@
 """Pure-PyTorch backend: no compiler, no concatenation, no host sync on CUDA.
 
 Per tensor pair it reads g and r for <g,r> and <r,r>, then (only if projecting)
-updates g in place. Temporaries are at most one tensor's worth (fp16/bf16 upcasts)
-and, on the CPU, two accumulators of at most 2^19 lanes: never proportional to the
-total parameter count.
+updates g in place. Temporaries are at most one tensor's worth (fp16/bf16 upcasts),
+never proportional to the total parameter count.
 """
 
 from __future__ import annotations
@@ -16,19 +15,16 @@ from ._plan import Plan
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-# On the CPU, <g,r> and <r,r> are accumulated elementwise into two accumulator vectors
-# of at most _TILE lanes (fp32; fp64 for fp64 inputs): element k of a tensor's tile adds
-# g*r (and r*r) to lane k with one addcmul_, so each lane sees the same additions in the
-# same order whatever the thread count (an elementwise op computes each element once,
-# and torch's vector and scalar loops round it alike: checked by
-# test_cpu_bitwise_identical_for_any_thread_count). Each row of _ROW lanes is then summed
-# by one thread (torch parallelises a reduction over its output rows) and the row sums
-# are added in fp64 in index order. Each tile is read once from memory for <g,r>, and
-# its second read of r for <r,r> hits the cache. Not BLAS: sdot splits a long vector
-# over threads (its bits change with torch.set_num_threads), and a matmul may round fp32
-# inputs to bf16/tf32 when torch.set_float32_matmul_precision allows it.
+# On the CPU, <g,r> and <r,r> are summed per row of _ROW elements with torch's own
+# reductions (a product into a buffer of _PIECE elements, then one sum per row), and
+# the row partials are added in fp64 in index order. Each row is summed whole by one
+# thread (torch parallelises a reduction over its output rows), so the bits never
+# depend on the thread count, as DESIGN section 1 asks. Not BLAS: sdot splits a long
+# vector over threads (its bits change with torch.set_num_threads) and accumulates it
+# in a few fp32 lanes; a matmul may round fp32 inputs to bf16/tf32 when
+# torch.set_float32_matmul_precision allows it.
 _ROW = 1 << 12
-_TILE = 1 << 19
+_PIECE = 1 << 20
 
 
 def dense_flat(t: torch.Tensor) -> torch.Tensor | None:
@@ -67,6 +63,43 @@ def _as_accum(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in _LOW_PRECISION else x
 
 
+def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list,
+                  buf: torch.Tensor) -> None:
+    """Append <g,r> (when g is given) and <r,r> of one contiguous pair to `dots` and
+    `sqs` as 0-dim tensors. `buf`: scratch of r's dtype, at least min(numel, _PIECE)."""
+    n = r.numel()
+    g = g.view(-1) if g is not None else None
+    r = r.view(-1)
+    if n <= _ROW:  # one row (most tensors of a model)
+        if g is not None:
+            dots.append(torch.linalg.vecdot(g, r))
+        sqs.append(torch.linalg.vecdot(r, r))
+        return
+    # One partial per row, written in place; then one per tensor, so temporaries never
+    # grow with the size of the model.
+    n_rows = -(-n // _ROW)
+    row_sqs = torch.empty(n_rows, dtype=r.dtype)
+    row_dots = torch.empty(n_rows, dtype=r.dtype) if g is not None else None
+    for start in range(0, n, _PIECE):
+        m = min(_PIECE, n - start)
+        first = start // _ROW  # pieces hold whole rows, but for a tensor's last one
+        rp = r[start : start + m]
+        # <g,r> then <r,r> back to back, so the second read of r hits the cache.
+        for out, a in ((row_dots, g), (row_sqs, r)):
+            if out is None:
+                continue
+            prod = torch.mul(a[start : start + m], rp, out=buf[:m])
+            full_rows = m // _ROW
+            if full_rows:
+                torch.sum(prod[: full_rows * _ROW].view(full_rows, _ROW), 1,
+                          out=out[first : first + full_rows])
+            if full_rows * _ROW < m:  # the tensor's short last row
+                torch.sum(prod[full_rows * _ROW :], 0, out=out[first + full_rows])
+    if g is not None:
+        dots.append(_in_order_sum(row_dots))
+    sqs.append(_in_order_sum(row_sqs))
+
+
 def _in_order_sum(x: torch.Tensor) -> torch.Tensor:
     """fp64 sum of a CPU tensor's elements in index order: a 1-D cumsum is one sequential
     scan, where torch.sum may split a long vector over threads."""
@@ -85,53 +118,33 @@ def _ordered_sum(parts: List[torch.Tensor], device: torch.device) -> torch.Tenso
 
 
 def _sums(plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp64 dot and ||r||^2 (fp32/fp64 partials, summed in fp64)."""
-    if plan.device.type == "cpu":
-        return _sums_cpu(plan)
-    # cuBLAS dots are tree reductions, deterministic for a given device and size
+    """fp64 dot and ||r||^2 (partials in fp32/fp64, summed in fp64)."""
     dots: List[torch.Tensor] = []
     sqs: List[torch.Tensor] = []
-    for g, r in zip(plan.grads, plan.refs):
-        gf, rf = _flat_pair(g, r)
-        gf, rf = _as_accum(gf), _as_accum(rf)
-        dots.append(torch.dot(gf, rf))
-        sqs.append(torch.dot(rf, rf))
-    for r in plan.ref_only:
-        rf = _as_accum(r.reshape(-1))
-        sqs.append(torch.dot(rf, rf))
+    if plan.device.type == "cpu":
+        # One scratch buffer per accumulation dtype, sized once for the largest tensor
+        # (at most _PIECE elements): growing it call by call costs fresh pages.
+        largest = max((r.numel() for r in plan.refs + plan.ref_only), default=0)
+        size = min(max(largest, 1), _PIECE)
+        bufs = {}
+        for g, r in zip(plan.grads + [None] * len(plan.ref_only), plan.refs + plan.ref_only):
+            if g is not None and not (g.is_contiguous() and r.is_contiguous()):
+                g, r = _flat_pair(g, r)
+            r = _as_accum(r if r.is_contiguous() else r.contiguous())
+            buf = bufs.get(r.dtype)
+            if buf is None:
+                buf = bufs[r.dtype] = torch.empty(size, dtype=r.dtype)
+            _row_sums_cpu(None if g is None else _as_accum(g), r, dots, sqs, buf)
+    else:  # cuBLAS dots are tree reductions, deterministic for a given device and size
+        for g, r in zip(plan.grads, plan.refs):
+            gf, rf = _flat_pair(g, r)
+            gf, rf = _as_accum(gf), _as_accum(rf)
+            dots.append(torch.dot(gf, rf))
+            sqs.append(torch.dot(rf, rf))
+        for r in plan.ref_only:
+            rf = _as_accum(r.reshape(-1))
+            sqs.append(torch.dot(rf, rf))
     return _ordered_sum(dots, plan.device), _ordered_sum(sqs, plan.device)
-
-
-def _sums_cpu(plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Lane accumulation of the comment on _TILE above."""
-    pairs = list(zip(plan.grads, plan.refs)) + [(None, r) for r in plan.ref_only]
-    # Accumulators sized once for the largest tensor (whole rows, at most _TILE lanes).
-    largest = max((r.numel() for _, r in pairs), default=0)
-    lanes = min(-(-max(largest, 1) // _ROW) * _ROW, _TILE)
-    acc = {}  # accumulation dtype -> (2, lanes): row 0 <g,r>, row 1 <r,r>
-    for g, r in pairs:
-        if g is not None:
-            g, r = _flat_pair(g, r)
-        else:
-            r = r.reshape(-1)
-        kind = torch.float64 if r.dtype == torch.float64 else torch.float32
-        if kind not in acc:
-            acc[kind] = torch.zeros(2, lanes, dtype=kind)
-        dot_lanes, sq_lanes = acc[kind]
-        n = r.numel()
-        for start in range(0, n, lanes):
-            m = min(lanes, n - start)
-            rt = r[start : start + m]
-            if g is not None:  # fp16/bf16 tiles are widened to the fp32 lanes
-                dot_lanes[:m].addcmul_(g[start : start + m], rt)
-            sq_lanes[:m].addcmul_(rt, rt)
-    dot = torch.zeros((), dtype=torch.float64)
-    rr = torch.zeros((), dtype=torch.float64)
-    for lanes_of_kind in acc.values():
-        row_sums = lanes_of_kind.view(2, -1, _ROW).sum(2)
-        dot = dot + _in_order_sum(row_sums[0])
-        rr = rr + _in_order_sum(row_sums[1])
-    return dot, rr
 
 
 def decide(dot: torch.Tensor, rr: torch.Tensor, eps: float):

@@ -109,7 +109,7 @@ def test_info_reports_instead_of_raising_when_the_forced_backend_is_missing(tmp_
 
 @pytest.mark.parametrize("value, expected", [
     (None, True), ("1", True), ("true", True), ("Yes", True), (" on ", True),
-    ("0", False), ("false", False), ("NO", False), ("off", False), ("", False),
+    ("0", False), ("false", False), ("NO", False), ("off", False), ("", True), ("  ", True),
 ])
 def test_env_flags_accept_the_usual_spellings(monkeypatch, value, expected):
     if value is None:
@@ -148,20 +148,27 @@ def test_a_cached_build_that_does_not_import_is_rebuilt_once(tmp_path, monkeypat
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(build_dir))
     assert _build.jit_load(with_cuda=False) == "module"
     assert calls == [True, False]  # the second attempt started from an empty cache
-    # a library that still fails after a fresh build is an error, not a loop
+    # a library that is still damaged after a fresh build is an error, not a loop
+    def always_fails(message):
+        def load(**kwargs):
+            calls.append(1)
+            build_dir.mkdir(exist_ok=True)
+            (build_dir / "agem_fast_ext.so").write_bytes(b"")
+            raise ImportError(message)
+
+        return load
+
     calls.clear()
-    build_dir.mkdir()
-    (build_dir / "agem_fast_ext.so").write_bytes(b"")
-
-    def always_fails(**kwargs):
-        calls.append(1)
-        (build_dir.mkdir(exist_ok=True), (build_dir / "agem_fast_ext.so").write_bytes(b""))
-        raise ImportError("still broken")
-
-    monkeypatch.setattr(cpp_extension, "load", always_fails)
-    with pytest.raises(ImportError, match="still broken"):
+    monkeypatch.setattr(cpp_extension, "load", always_fails("agem_fast_ext.so: file too short"))
+    with pytest.raises(ImportError, match="too short"):
         _build.jit_load(with_cuda=False)
     assert len(calls) == 2
+    # an import error a rebuild cannot cure is raised at once, without a rebuild
+    calls.clear()
+    monkeypatch.setattr(cpp_extension, "load", always_fails("undefined symbol: _ZN3c10foo"))
+    with pytest.raises(ImportError, match="undefined symbol"):
+        _build.jit_load(with_cuda=False)
+    assert len(calls) == 1 and build_dir.exists()
 
 
 @pytest.mark.parametrize("cuda", ["0", "1"])
@@ -316,13 +323,53 @@ def test_threads_wait_for_a_running_build(monkeypatch):
         time.sleep(1.0)
         return Module, "jit"
 
-    monkeypatch.delenv("AGEM_FAST_BACKEND", raising=False)
-    monkeypatch.setattr(_extension, "_import_or_build", slow_build)
-    monkeypatch.setattr(_extension, "_register_fake", lambda: None)  # no real ops here
-    monkeypatch.setattr(_extension, "_state", {**_extension._state, "attempted": False, "module": None})
+    _fresh_loader(monkeypatch, slow_build)
     builder = threading.Thread(target=_extension.load)
     builder.start()
     assert building.wait(10)
     assert _extension.load() is Module  # not None: it waited for the build
     builder.join()
     assert _extension.status()["status"] == "loaded"
+
+
+def _fresh_loader(monkeypatch, build):
+    from agem_fast import _extension
+
+    monkeypatch.delenv("AGEM_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_extension, "_import_or_build", build)
+    monkeypatch.setattr(_extension, "_register_fake", lambda: None)  # no real ops here
+    monkeypatch.setattr(_extension, "_state", {**_extension._state, "attempted": False, "module": None})
+    return _extension
+
+
+def test_a_malformed_strict_flag_is_an_error_at_every_call(monkeypatch):
+    """Not one error and then a silent fallback: the value is refused before anything
+    is built or recorded."""
+    def build():
+        raise RuntimeError("compiler missing")
+
+    ext = _fresh_loader(monkeypatch, build)
+    monkeypatch.setenv("AGEM_FAST_STRICT", "2")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="AGEM_FAST_STRICT"):
+            ext.load()
+    assert ext.status()["status"] != "failed"
+
+
+def test_a_module_that_fails_after_import_is_one_failed_build(monkeypatch, recwarn):
+    class Broken:
+        @staticmethod
+        def build_info():
+            raise AttributeError("no build_info")
+
+    calls = []
+
+    def build():
+        calls.append(1)
+        return Broken, "jit"
+
+    ext = _fresh_loader(monkeypatch, build)
+    monkeypatch.setenv("AGEM_FAST_STRICT", "0")
+    assert ext.load() is None and ext.load() is None
+    assert calls == [1] and ext.status()["status"] == "failed"
+    assert sum("could not be built" in str(w.message) for w in recwarn) == 1

@@ -628,10 +628,9 @@ def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits):
 @pytest.mark.parametrize("threads", [2, 3, 4])
 def test_cpu_bitwise_identical_for_any_thread_count(threads, backend):
     """DESIGN section 1: the same bits whatever torch.set_num_threads says. Sizes from a
-    few elements to two and a bit of the torch backend's 2^19-lane accumulator tiles
-    (an elementwise op splits its range over threads; BLAS would split a long dot from
-    about 8K elements on), with odd tails, every dtype, a reference-only entry and a
-    non-dense pair."""
+    few elements to a little over 2^20 (the torch backend's CPU piece; BLAS would split a
+    long dot over threads from about 8K elements on), with odd tails, every dtype, a
+    reference-only entry and a non-dense pair."""
     specs = [Spec((300_001,), torch.float32), Spec((5, 7), torch.float16), Spec((70_000,), torch.float64),
              Spec((4096 * 3 + 5,), torch.bfloat16), Spec((33, 1000), torch.float32, glayout="transposed"),
              Spec((9000,), torch.float32, grad=False), Spec((1_100_003,), torch.float32)]
@@ -705,3 +704,30 @@ def test_cpu_sums_ignore_the_float32_matmul_precision(backend):
     exact = oracle(saved, case.refs)
     assert abs(float(r2.dot) - exact.dot) <= 1e-6 * abs(exact.dot)
     assert abs(float(r2.ref_sq_norm) - exact.rr) <= 1e-6 * exact.rr
+
+
+@pytest.mark.parametrize("size", [100, 5000], ids=["small_tensors", "multi_row_tensors"])
+def test_fp32_sums_never_span_two_tensors(size, backend):
+    """DESIGN section 1: fp32 accumulation inside a chunk, fp64 across. Each tensor's
+    <g,r> here is about -5e37 (fits fp32) and the sum over ten tensors about -5e38,
+    past fp32's largest value; one further tensor adds a dot a million times smaller.
+    Summing across tensors in fp32 would overflow to -inf (coef NaN, every gradient
+    NaN) and lose the small tensor's share."""
+    gen = torch.Generator().manual_seed(23)
+    per_elem = 5e37 / size  # |g_i r_i|, so each tensor's dot is about -5e37
+    params, refs = [], []
+    for _ in range(10):
+        r = (torch.rand(size, generator=gen, dtype=torch.float64) + 0.5) * math.sqrt(per_elem)
+        p = torch.zeros(size)
+        p.grad = (-r).float()
+        params.append(p)
+        refs.append(r.float())
+    p = torch.zeros(size)
+    p.grad = torch.randn(size, generator=gen) * 1e-3
+    params.append(p)
+    refs.append(torch.randn(size, generator=gen))
+    before = [p.grad.clone() for p in params]
+    orc = oracle(before, refs)
+    res = agem_fast.project_(params, refs)
+    assert math.isfinite(float(res.dot)) and math.isfinite(float(res.ref_sq_norm)), res
+    check_call(res, orc, [p.grad for p in params], before, "cpu")
