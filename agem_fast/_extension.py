@@ -44,10 +44,10 @@ def load(*, honour_backend_env: bool = True):
     if honour_backend_env and _forced_torch():
         return None
     if _state["attempted"]:
-        return _state["module"]
+        return _loaded_or_raise()
     with _lock:
         if _state["attempted"]:
-            return _state["module"]
+            return _loaded_or_raise()
         strict = _strict()  # a malformed value raises here, before anything is recorded
         try:
             module, source = _import_or_build()
@@ -55,10 +55,9 @@ def load(*, honour_backend_env: bool = True):
             _register_fake()
         except Exception as exc:  # a compiler error, a missing toolkit, ...
             _state.update(attempted=True, status="failed", error=f"{type(exc).__name__}: {exc}")
-            if strict:
-                raise RuntimeError(
-                    "agem_fast: the C++/CUDA extension could not be built "
-                    "(AGEM_FAST_STRICT=1)") from exc
+            if strict:  # and at every later call too, not a silent fallback
+                _failure["strict"] = exc
+                return _loaded_or_raise()
             warnings.warn(
                 f"agem_fast: the C++/CUDA extension could not be built ({_first_line(exc)}); using the "
                 "pure-PyTorch backend. `python -m agem_fast info` shows the full reason.",
@@ -67,6 +66,17 @@ def load(*, honour_backend_env: bool = True):
         _state.update(module=module, status="loaded", source=source, cuda=cuda)
         _state["attempted"] = True  # last: a thread that sees it sees the whole state
         return module
+
+
+_failure = {"strict": None}  # the build error, when AGEM_FAST_STRICT=1 made it fatal
+
+
+def _loaded_or_raise():
+    exc = _failure["strict"]
+    if exc is not None:
+        raise RuntimeError(
+            "agem_fast: the C++/CUDA extension could not be built (AGEM_FAST_STRICT=1)") from exc
+    return _state["module"]
 
 
 def _import_or_build():

@@ -21,7 +21,12 @@ def backend_info() -> dict:
         except Exception as exc:  # e.g. AGEM_FAST_BACKEND=extension with no kernels
             return f"error: {exc}"
 
-    _extension.load()
+    try:
+        _extension.load()
+    except (RuntimeError, ValueError) as exc:  # AGEM_FAST_STRICT=1 (or malformed): report it
+        load_error = f"{type(exc).__name__}: {exc}"
+    else:
+        load_error = None
     devices = {"cpu": backend_or_why(torch.device("cpu"))}
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -38,6 +43,7 @@ def backend_info() -> dict:
         "cuda_home": _build.find_cuda_home(),
         "cuda_kernels_wanted": with_cuda if with_cuda else f"no ({why_not})",
         "forced_backend": os.environ.get("AGEM_FAST_BACKEND", "auto"),
-        "extension": {**_extension.status(), "build_info": _extension.build_info()},
+        "extension": {**_extension.status(), "build_info": _extension.build_info(),
+                      "load_error": load_error},
         "backends": devices,
     }

@@ -97,14 +97,17 @@ def _run_probe(tmp_path, **env):
                           env=_broken_env(tmp_path, **env), timeout=600)
 
 
-def test_info_reports_instead_of_raising_when_the_forced_backend_is_missing(tmp_path):
-    env = _broken_env(tmp_path, AGEM_FAST_BACKEND="extension", AGEM_FAST_STRICT="0")
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_info_reports_instead_of_raising_when_the_forced_backend_is_missing(tmp_path, strict):
+    env = _broken_env(tmp_path, AGEM_FAST_BACKEND="extension", AGEM_FAST_STRICT=strict)
     out = subprocess.run([sys.executable, "-m", "agem_fast", "info"], capture_output=True,
                          text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     info = json.loads(out.stdout)
     assert info["extension"]["status"] == "failed"
-    assert info["backends"]["cpu"].startswith("error: AGEM_FAST_BACKEND=extension"), info["backends"]
+    assert info["backends"]["cpu"].startswith("error:"), info["backends"]
+    assert "deliberately broken" in info["extension"]["error"]
+    assert (info["extension"]["load_error"] is not None) == (strict == "1")
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -339,6 +342,7 @@ def _fresh_loader(monkeypatch, build):
     monkeypatch.setattr(_extension, "_import_or_build", build)
     monkeypatch.setattr(_extension, "_register_fake", lambda: None)  # no real ops here
     monkeypatch.setattr(_extension, "_state", {**_extension._state, "attempted": False, "module": None})
+    monkeypatch.setattr(_extension, "_failure", {"strict": None})
     return _extension
 
 
@@ -373,3 +377,20 @@ def test_a_module_that_fails_after_import_is_one_failed_build(monkeypatch, recwa
     assert ext.load() is None and ext.load() is None
     assert calls == [1] and ext.status()["status"] == "failed"
     assert sum("could not be built" in str(w.message) for w in recwarn) == 1
+
+
+def test_a_strict_failed_build_raises_at_every_call(monkeypatch):
+    """AGEM_FAST_STRICT=1: not one error and then a silent fallback to the torch backend."""
+    calls = []
+
+    def build():
+        calls.append(1)
+        raise RuntimeError("compiler missing")
+
+    ext = _fresh_loader(monkeypatch, build)
+    monkeypatch.setenv("AGEM_FAST_STRICT", "1")
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="AGEM_FAST_STRICT") as info:
+            ext.load()
+        assert "compiler missing" in str(info.value.__cause__)
+    assert calls == [1] and ext.status()["status"] == "failed"
