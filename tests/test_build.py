@@ -233,7 +233,7 @@ def _repo_copy(tmp_path: Path) -> Path:
     return dst
 
 
-def test_sdist_carries_the_cpp_and_cuda_sources(tmp_path):
+def test_sdist_carries_every_kernel_source(tmp_path):
     import tarfile
 
     src = _repo_copy(tmp_path)
