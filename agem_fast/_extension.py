@@ -21,6 +21,7 @@ _state = {
     "cuda": False,
     "error": None,
     "cuda_error": None,       # why the CUDA kernels are missing when only they failed
+    "fatal": None,            # the build error, when AGEM_FAST_STRICT=1 made it fatal
 }
 
 
@@ -50,13 +51,13 @@ def load(*, honour_backend_env: bool = True):
             return _loaded_or_raise()
         strict = _strict()  # a malformed value raises here, before anything is recorded
         try:
-            module, source = _import_or_build()
+            module, source = _import_or_build(strict)
             cuda = bool(module.build_info()["cuda"])
             _register_fake()
         except Exception as exc:  # a compiler error, a missing toolkit, ...
             _state.update(attempted=True, status="failed", error=f"{type(exc).__name__}: {exc}")
             if strict:  # and at every later call too, not a silent fallback
-                _failure["strict"] = exc
+                _state["fatal"] = exc
                 return _loaded_or_raise()
             warnings.warn(
                 f"agem_fast: the C++/CUDA extension could not be built ({_first_line(exc)}); using the "
@@ -68,18 +69,15 @@ def load(*, honour_backend_env: bool = True):
         return module
 
 
-_failure = {"strict": None}  # the build error, when AGEM_FAST_STRICT=1 made it fatal
-
-
 def _loaded_or_raise():
-    exc = _failure["strict"]
+    exc = _state["fatal"]
     if exc is not None:
         raise RuntimeError(
             "agem_fast: the C++/CUDA extension could not be built (AGEM_FAST_STRICT=1)") from exc
     return _state["module"]
 
 
-def _import_or_build():
+def _import_or_build(strict: bool):
     from . import _build
 
     if not _build.env_flag("AGEM_FAST_JIT"):
@@ -94,7 +92,7 @@ def _import_or_build():
     try:
         return _build.jit_load(with_cuda=True), "jit"
     except Exception as cuda_exc:
-        if _strict():  # already read once by load(): a malformed value raised there
+        if strict:
             raise
         # Maybe only the CUDA part is at fault (toolkit/arch mismatch, ...): the C++
         # kernels alone. If they fail too, the problem is not CUDA's: that error is the one
@@ -153,7 +151,7 @@ def supports(device_type: str) -> bool:
 
 def status() -> dict:
     """Build/load state without triggering a build."""
-    state = {k: v for k, v in _state.items() if k not in ("module", "attempted")}
+    state = {k: v for k, v in _state.items() if k not in ("module", "attempted", "fatal")}
     if _forced_torch():
         state.update(status="disabled", error="AGEM_FAST_BACKEND=torch")
     return state

@@ -47,16 +47,17 @@ class ReferenceGradient:
                 for p in params
             ]
             return
-        dtype, device = kinds.pop() if kinds else (torch.get_default_dtype(), _first_device(params))
+        dtype, device = kinds.pop() if kinds else (
+            torch.get_default_dtype(), params[0].device if params else torch.device("cpu"))
         total = sum(p.numel() for p in params)
         self._buffer = torch.empty(total, dtype=dtype, device=device)
         offset = 0
         for p in params:
-            self._slots.append(self._buffer.as_strided(p.shape, _dense_strides_like(p), offset))
-            offset += p.numel()
-        for p, slot in zip(params, self._slots):
+            slot = self._buffer.as_strided(p.shape, _dense_strides_like(p), offset)
             if not _can_have_grad(p):
-                slot.zero_()
+                slot.zero_()  # never present
+            self._slots.append(slot)
+            offset += p.numel()
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -112,10 +113,6 @@ class ReferenceGradient:
 def _can_have_grad(p: torch.Tensor) -> bool:
     """Only floating point and complex tensors can have gradients."""
     return p.is_floating_point() or p.is_complex()
-
-
-def _first_device(params) -> torch.device:
-    return params[0].device if params else torch.device("cpu")
 
 
 def _dense_strides_like(p: torch.Tensor):

@@ -360,12 +360,11 @@ class AGEMPlugin(_PluginBase):
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
         """Project the current gradient against the reference gradient."""
-        if len(self.buffers) == 0:
-            return
-        if self._assigned_reference is not None:
-            project_(list(strategy.model.parameters()), self._assigned_reference)
-        elif self._reference_ready:
-            project_(list(strategy.model.parameters()), self._reference)
+        ref = self._assigned_reference
+        if ref is None and self._reference_ready:
+            ref = self._reference
+        if len(self.buffers) > 0 and ref is not None:
+            project_(list(strategy.model.parameters()), ref)
 
     def after_training_exp(self, strategy, **kwargs):
         """Add patterns of the experience just trained on to the memory."""

@@ -321,7 +321,7 @@ def test_threads_wait_for_a_running_build(monkeypatch):
 
     building = threading.Event()
 
-    def slow_build():
+    def slow_build(strict):
         building.set()
         time.sleep(1.0)
         return Module, "jit"
@@ -341,15 +341,15 @@ def _fresh_loader(monkeypatch, build):
     monkeypatch.delenv("AGEM_FAST_BACKEND", raising=False)
     monkeypatch.setattr(_extension, "_import_or_build", build)
     monkeypatch.setattr(_extension, "_register_fake", lambda: None)  # no real ops here
-    monkeypatch.setattr(_extension, "_state", {**_extension._state, "attempted": False, "module": None})
-    monkeypatch.setattr(_extension, "_failure", {"strict": None})
+    monkeypatch.setattr(_extension, "_state", {**_extension._state, "attempted": False, "module": None,
+                                               "fatal": None})
     return _extension
 
 
 def test_a_malformed_strict_flag_is_an_error_at_every_call(monkeypatch):
     """Not one error and then a silent fallback: the value is refused before anything
     is built or recorded."""
-    def build():
+    def build(strict):
         raise RuntimeError("compiler missing")
 
     ext = _fresh_loader(monkeypatch, build)
@@ -368,7 +368,7 @@ def test_a_module_that_fails_after_import_is_one_failed_build(monkeypatch, recwa
 
     calls = []
 
-    def build():
+    def build(strict):
         calls.append(1)
         return Broken, "jit"
 
@@ -383,7 +383,7 @@ def test_a_strict_failed_build_raises_at_every_call(monkeypatch):
     """AGEM_FAST_STRICT=1: not one error and then a silent fallback to the torch backend."""
     calls = []
 
-    def build():
+    def build(strict):
         calls.append(1)
         raise RuntimeError("compiler missing")
 
