@@ -42,6 +42,11 @@ at::Device op_device(at::TensorList grads, at::TensorList ref_only);
 // Checks the (coef, projected) pair given to apply_: 0-dim float64 and bool on `device`.
 void check_decision(const at::Tensor& coef, const at::Tensor& projected, at::DeviceType device);
 
+// Instruction set of the CPU pass 1 ("avx2" or "baseline", see cpu/agem_cpu.cpp), and a
+// switch for tests to force the baseline copy (false: back to the best available).
+const char* cpu_isa();
+void force_cpu_baseline(bool baseline);
+
 // The fused projection over a laid-out table, on the CPU or on `device` (CUDA): what
 // project_ runs after build_table, and what the Python module's fast path calls.
 ProjectResult project_table_cpu(const Table& table, double eps);

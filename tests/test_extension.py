@@ -26,6 +26,32 @@ def ext(monkeypatch):
     return _extension
 
 
+@pytest.fixture(params=["best", "baseline"])
+def isa(request, ext):
+    """Each copy of the CPU pass 1 (csrc/cpu/agem_cpu.cpp): the one this machine picks
+    (AVX2+FMA on most x86 CPUs) and the baseline one it would otherwise run."""
+    module = ext.load()
+    if request.param == "best":
+        yield module.build_info()["cpu_isa"]
+        return
+    module._force_cpu_baseline(True)
+    try:
+        yield "baseline"
+    finally:
+        module._force_cpu_baseline(False)
+
+
+def _x86_cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def _case(shapes, dtype, device, seed, *, coupling=-0.7):
     """Params with random grads g = n + coupling * r, refs r; never zeros."""
     gen = torch.Generator().manual_seed(seed)
@@ -41,10 +67,10 @@ def _case(shapes, dtype, device, seed, *, coupling=-0.7):
 
 
 def _run(params, refs, device, eps=0.0):
-    before = [p.grad.clone() for p in params]
-    orc = oracle([g.cpu() for g in before], [r.cpu() for r in refs], eps)
+    before = [None if p.grad is None else p.grad.cpu().clone() for p in params]
+    orc = oracle(before, [r.cpu() for r in refs], eps)
     res = agem_fast.project_(params, refs, eps=eps)
-    check_call(res, orc, [p.grad.cpu() for p in params], [g.cpu() for g in before], device)
+    check_call(res, orc, [None if p.grad is None else p.grad.cpu() for p in params], before, device)
     return res
 
 
@@ -52,16 +78,31 @@ def test_chunk_size_matches_build(ext):
     assert ext.build_info()["chunk_elems"] == CHUNK
 
 
+def test_cpu_isa_is_the_best_the_machine_has_and_can_be_forced_to_baseline(ext):
+    module = ext.load()
+    flags = _x86_cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    expected = "avx2" if {"avx2", "fma"} <= flags else "baseline"
+    assert module.build_info()["cpu_isa"] == expected
+    module._force_cpu_baseline(True)
+    try:
+        assert module.build_info()["cpu_isa"] == "baseline"
+    finally:
+        module._force_cpu_baseline(False)
+    assert module.build_info()["cpu_isa"] == expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 17, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
-def test_sizes_around_vector_width_and_chunk(ext, dtype, n):
+def test_sizes_around_vector_width_and_chunk(isa, dtype, n):
     params, refs = _case([(n,), (n + 3,)], dtype, "cpu", seed=n)
     _run(params, refs, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("g_off,r_off", [(1, 1), (1, 2), (3, 0), (0, 5)])
-def test_misaligned_views_into_larger_buffers(ext, dtype, g_off, r_off):
+def test_misaligned_views_into_larger_buffers(isa, dtype, g_off, r_off):
     gen = torch.Generator().manual_seed(g_off * 10 + r_off)
     n = 2 * CHUNK + 37
     g_buf = torch.randn(n + 16, generator=gen, dtype=torch.float64).to(dtype)
@@ -77,7 +118,7 @@ def test_misaligned_views_into_larger_buffers(ext, dtype, g_off, r_off):
     torch.testing.assert_close(g_buf[g_off + n:], guard_before[g_off + n:], rtol=0, atol=0)
 
 
-def test_single_tensor_many_chunks_mixed_with_tiny(ext):
+def test_single_tensor_many_chunks_mixed_with_tiny(isa):
     shapes = [(5 * CHUNK + 11,), (3,), (), (2, 3), (CHUNK * 2,)]
     for dtype in DTYPES:
         params, refs = _case(shapes, dtype, "cpu", seed=3)
@@ -90,7 +131,7 @@ def test_5000_tiny_tensors(ext):
     assert bool(res.projected)
 
 
-def test_mixed_dtypes_in_one_call(ext):
+def test_mixed_dtypes_in_one_call(isa):
     gen = torch.Generator().manual_seed(9)
     params, refs = [], []
     for i in range(40):
@@ -101,8 +142,17 @@ def test_mixed_dtypes_in_one_call(ext):
     _run(params, refs, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_only_entries(isa, dtype):
+    """Pass 1's rr-only copy: parameters with a reference but no grad, between pairs."""
+    params, refs = _case([(CHUNK + 9,), (300,), (2 * CHUNK + 1,), (31,)], dtype, "cpu", seed=13)
+    params[1].grad = None
+    params[2].grad = None
+    _run(params, refs, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bitwise_identical_for_any_thread_count(ext, threads):
+def test_bitwise_identical_for_any_thread_count(isa, threads):
     params, refs = _case([(3 * CHUNK + 1,), (17,), (CHUNK * 4,)] * 3, torch.float32, "cpu", seed=11)
     saved = [p.grad.clone() for p in params]
     old = torch.get_num_threads()
