@@ -42,8 +42,8 @@ at::Device op_device(at::TensorList grads, at::TensorList ref_only);
 // Checks the (coef, projected) pair given to apply_: 0-dim float64 and bool on `device`.
 void check_decision(const at::Tensor& coef, const at::Tensor& projected, at::DeviceType device);
 
-// Instruction set of the CPU pass 1 ("avx2" or "baseline", see cpu/agem_cpu.cpp), and a
-// switch for tests to force the baseline copy (false: back to the best available).
+// Instruction set of the CPU kernels ("avx2" or "baseline", see cpu/agem_cpu.cpp), and a
+// switch for tests to force the baseline copies (false: back to the best available).
 const char* cpu_isa();
 void force_cpu_baseline(bool baseline);
 

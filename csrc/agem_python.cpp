@@ -182,7 +182,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return info;
   });
   m.def("_force_cpu_baseline", &agem_fast::force_cpu_baseline, py::arg("baseline"),
-        "tests only: run the CPU pass 1 with its baseline (SSE2) copy even where AVX2 is there");
+        "tests only: run the CPU kernels' baseline (SSE2) copies even where AVX2 is there");
   m.def("project_plain", &agem_fast::project_plain, py::arg("params"), py::arg("refs"),
         py::arg("eps"),
         "project_ for plain valid inputs, all in C++; None (nothing written) otherwise");

@@ -28,7 +28,7 @@ def ext(monkeypatch):
 
 @pytest.fixture(params=["best", "baseline"])
 def isa(request, ext):
-    """Each copy of the CPU pass 1 (csrc/cpu/agem_cpu.cpp): the one this machine picks
+    """Each copy of the CPU kernels (csrc/cpu/agem_cpu.cpp): the one this machine picks
     (AVX2+FMA on most x86 CPUs) and the baseline one it would otherwise run."""
     module = ext.load()
     if request.param == "best":

@@ -4,12 +4,12 @@
 // order in fp64, so the result is bitwise identical for any number of threads.
 // Pass 2 runs only when the decision is to project.
 //
-// The extension is built for the baseline x86-64 instruction set (SSE2), where pass 1
-// ran 8% slower than torch.dot (MKL) on cold 48 MB vectors: on x86 CPUs with AVX2 and
-// FMA it runs a second copy of the same loop compiled for them, chosen once at run time
-// (cpu_isa()), which matches torch.dot. The two copies round differently (twice the
-// lanes, fused multiply-adds), so bits are reproducible per machine, as DESIGN section 1
-// asks, not across machines. Pass 2 is memory-bound either way and has one copy.
+// The extension is built for the baseline x86-64 instruction set (SSE2), where both
+// passes ran 8-10% slower than torch's own AVX2 kernels (torch.dot, Tensor.add_) on cold
+// 48-350 MB vectors, memory-bound as they are. On x86 CPUs with AVX2 and FMA the chunk
+// loops run a second copy compiled for them, chosen at run time (cpu_isa()), which
+// matches torch. The copies round differently (twice the lanes, fused multiply-adds), so
+// bits are reproducible per machine, as DESIGN section 1 asks, not across machines.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -37,7 +37,7 @@ constexpr int64_t kBlock = 256;
 
 // kHasG = false for reference-only entries (rr only); a template so the hot loop has no branch.
 // Always inlined, so each caller (chunk_sums, chunk_sums_avx2) compiles it for its own
-// instruction set.
+// instruction set; the same for chunk_update_body below.
 template <typename T, bool kHasG>
 [[gnu::always_inline]] inline void chunk_sums_body(const T* g, const T* r, int64_t n,
                                                    double* dot_out, double* rr_out) {
@@ -67,7 +67,7 @@ template <typename T, bool kHasG>
 }
 #endif
 
-// Tests force the baseline copy to check it on machines that would pick AVX2.
+// Tests force the baseline copies to check them on machines that would pick AVX2.
 std::atomic<bool> force_baseline{false};
 
 bool use_avx2() {
@@ -88,13 +88,28 @@ void chunk_sums(bool avx2, const T* g, const T* r, int64_t n, double* dot_out, d
 }
 
 template <typename T>
-void chunk_update(T* g, const T* r, int64_t n, double coef) {
+[[gnu::always_inline]] inline void chunk_update_body(T* g, const T* r, int64_t n, double coef) {
   using A = typename Acc<T>::type;
   const A c = static_cast<A>(coef);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     g[i] = static_cast<T>(static_cast<A>(g[i]) - c * static_cast<A>(r[i]));
   }
+}
+
+#ifdef AGEM_FAST_X86_AVX2
+template <typename T>
+[[gnu::target("avx2,fma")]] void chunk_update_avx2(T* g, const T* r, int64_t n, double coef) {
+  chunk_update_body<T>(g, r, n, coef);
+}
+#endif
+
+template <typename T>
+void chunk_update(bool avx2, T* g, const T* r, int64_t n, double coef) {
+#ifdef AGEM_FAST_X86_AVX2
+  if (avx2) return chunk_update_avx2<T>(g, r, n, coef);
+#endif
+  chunk_update_body<T>(g, r, n, coef);
 }
 
 template <typename Fn>
@@ -161,9 +176,10 @@ std::pair<double, double> table_sums(const Table& table) {
 
 // Pass 2: g <- g - coef * r over the pairs' chunks.
 void table_update(const Table& table, double coef) {
+  const bool avx2 = use_avx2();
   for_each_chunk(table, table.pair_chunks, /*backwards=*/true, [&](int64_t, const TensorEntry& e, ChunkRange cr, auto tag) {
     using T = decltype(tag);
-    chunk_update<T>(static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
+    chunk_update<T>(avx2, static_cast<T*>(e.g) + cr.begin, static_cast<const T*>(e.r) + cr.begin,
                     cr.end - cr.begin, coef);
   });
 }
