@@ -83,6 +83,22 @@ class FlatFloor:
         floor = cls(total, grads[0].dtype if grads else torch.float32, grads[0].device if grads else "cpu")
         return floor.load_(grads, refs)
 
+    @classmethod
+    @torch.no_grad()
+    def over(cls, g: torch.Tensor, r: torch.Tensor) -> "FlatFloor":
+        """A floor on two existing 1-D buffers, not a copy: the benchmark runs it on the
+        very memory the implementations read and write (the gradients, re-homed into one
+        buffer, and the flat reference)."""
+        if g.dim() != 1 or r.shape != g.shape or r.dtype != g.dtype or r.device != g.device:
+            raise ValueError(f"FlatFloor.over needs two 1-D buffers of one size, dtype and device; got "
+                             f"{tuple(g.shape)} {g.dtype} {g.device} and {tuple(r.shape)} {r.dtype} {r.device}")
+        if not (g.is_contiguous() and r.is_contiguous()):
+            raise ValueError("FlatFloor.over needs contiguous buffers")
+        floor = cls(0, g.dtype, g.device)
+        floor.g, floor.r = g, r
+        floor.rr = torch.dot(r, r).float()
+        return floor
+
     @torch.no_grad()
     def load_(self, grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> "FlatFloor":
         """Copy gradients and references (logical row-major order) into the buffers."""

@@ -3,6 +3,11 @@
 What one measurement is
 - Inputs: `agem_fast._workloads.make_grads` (random gradients and a flat reference,
   dot < 0 with a wide margin), cloned into `nsets` copies at distinct addresses.
+  Each set's gradients are views of one flat buffer, and the floor runs on that
+  buffer and the flat reference: every implementation reads and writes the same
+  memory. (With the floor on buffers of its own, t / t_floor moved by up to 10% from
+  process to process on the 2-core VM: equal-sized buffers there stream at speeds up
+  to 20% apart, fixed for the buffer's life.)
   The non-projecting case negates the references (then dot > 0, same margin).
 - Every projecting call modifies the gradients: after one projection <g', r> is 0
   (up to rounding, so a repeat may or may not project). So before EVERY call, timed
@@ -180,13 +185,29 @@ class Flusher:
 # ----------------------------------------------------------------------------- inputs
 
 
+def _grads_in_one_buffer(params) -> torch.Tensor:
+    """Moves every `p.grad` into a view of one new flat buffer (parameter order, each
+    grad's values kept) and returns the buffer."""
+    grads = [p.grad for p in params]
+    flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
+    off = 0
+    for p, g in zip(params, grads):
+        view = flat.narrow(0, off, g.numel()).view(g.shape)
+        view.copy_(g)
+        p.grad = view
+        off += g.numel()
+    return flat
+
+
 class InputSet:
-    """One gradient set: `params` whose `.grad` are the gradients; `refs` views of `flat_ref`."""
+    """One gradient set: `params` whose `.grad` are views of `flat_grad`; `refs` views
+    of `flat_ref`."""
 
     def __init__(self, params, refs, flat_ref):
         self.params = params
         self.refs = refs
         self.flat_ref = flat_ref
+        self.flat_grad = _grads_in_one_buffer(params)
 
     @property
     def grads(self) -> List[torch.Tensor]:
@@ -201,7 +222,7 @@ class InputSet:
             refs.append(flat.narrow(0, off, n).view(r.shape))
             off += n
             q = anchor.expand(p.shape) if p.dim() else anchor.view(())
-            q.grad = p.grad.clone()
+            q.grad = p.grad  # InputSet re-homes it into a buffer of its own
             params.append(q)
         return InputSet(params, refs, flat)
 
@@ -415,18 +436,11 @@ class FloorImpl(Impl):
     def __init__(self, wl: Workload):
         super().__init__(wl)
         self.backend = "flat torch.dot + axpy, preallocated buffers"
-        self.floors = [FlatFloor.from_tensors(s.grads, s.refs) for s in wl.sets]
+        # The set's own buffers: its gradients' flat buffer and the flat reference.
+        self.floors = [FlatFloor.over(s.flat_grad, s.flat_ref) for s in wl.sets]
 
     def call(self, k: int) -> None:
         self.floors[k](projects=self.wl.projecting)
-
-    def restore(self, k: int) -> None:
-        self.floors[k].g.copy_(self.wl.saved)
-
-    def outputs(self, k: int) -> List[torch.Tensor]:
-        g = self.floors[k].g
-        return [g.narrow(0, v.storage_offset() - self.wl.saved.storage_offset(), v.numel()).view(v.shape)
-                for v in self.wl.saved_views]
 
     def release(self) -> None:
         self.floors = []
@@ -601,9 +615,9 @@ def copy_bandwidth(device: torch.device, *, nbytes: Optional[int] = None, repeat
 
 
 def choose_nsets(device: torch.device, numel: int, dtype: torch.dtype, requested: int, impls: Sequence[str]) -> int:
-    """How many input sets fit: each set = grads + refs (+ a floor's 2 buffers)."""
+    """How many input sets fit: each set = grads + refs (the floor runs on them)."""
     buf = numel * elem_size(dtype)
-    per_set = (4 if "floor" in impls else 2) * buf
+    per_set = 2 * buf
     fixed = buf * (1 + (3 if "avalanche" in impls else 0))  # saved copy + Avalanche temporaries
     budget = int(free_memory_bytes(device) * 0.8) - fixed
     fit = budget // per_set if per_set else requested
@@ -612,7 +626,7 @@ def choose_nsets(device: torch.device, numel: int, dtype: torch.dtype, requested
 
 def fits_in_memory(device: torch.device, numel: int, dtype: torch.dtype, impls: Sequence[str]) -> bool:
     buf = numel * elem_size(dtype)
-    need = buf * (3 + (2 if "floor" in impls else 0) + (3 if "avalanche" in impls else 0))
+    need = buf * (3 + (3 if "avalanche" in impls else 0))
     return need < free_memory_bytes(device) * 0.85
 
 

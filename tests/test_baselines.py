@@ -160,6 +160,31 @@ def test_flat_floor_reload_and_size_check():
     torch.testing.assert_close(floor.rr, torch.cat([refs[0], refs[1].reshape(-1)]).square().sum())
 
 
+def test_flat_floor_over_existing_buffers_projects_them_in_place():
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(50, generator=gen)
+    r = torch.randn(50, generator=gen)
+    g -= 0.5 * r
+    g64, r64 = g.double(), r.double()
+    floor = FlatFloor.over(g, r)
+    assert floor.g.data_ptr() == g.data_ptr() and floor.r.data_ptr() == r.data_ptr()
+    torch.testing.assert_close(floor.rr.double(), r64 @ r64, rtol=1e-6, atol=0)
+    assert float(floor(projects=True)) < 0
+    torch.testing.assert_close(g.double(), g64 - (g64 @ r64) / (r64 @ r64) * r64, rtol=1e-5, atol=1e-5)
+    assert torch.equal(r.double(), r64)
+
+
+@pytest.mark.parametrize("g,r,match", [
+    (torch.randn(4), torch.randn(5), "1-D buffers of one size"),
+    (torch.randn(2, 2), torch.randn(2, 2), "1-D buffers of one size"),
+    (torch.randn(4), torch.randn(4, dtype=torch.float64), "1-D buffers of one size"),
+    (torch.randn(8)[::2], torch.randn(4), "contiguous"),
+])
+def test_flat_floor_over_rejects_mismatched_buffers(g, r, match):
+    with pytest.raises(ValueError, match=match):
+        FlatFloor.over(g, r)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flat_floor_low_precision(dtype):
     gen = torch.Generator().manual_seed(3)
