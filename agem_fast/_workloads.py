@@ -185,6 +185,22 @@ def make_grads(
     return params, refs
 
 
+@torch.no_grad()
+def pack_grads(params) -> torch.Tensor:
+    """Moves every `p.grad` into a view of one new flat buffer (parameter order, values
+    kept) and returns the buffer: the benchmarks run their flat floor on it, so that
+    the floor and the implementations read and write the same memory."""
+    grads = [p.grad for p in params]
+    flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
+    offset = 0
+    for p, g in zip(params, grads):
+        view = flat.narrow(0, offset, g.numel()).view(g.shape)
+        view.copy_(g)
+        p.grad = view
+        offset += g.numel()
+    return flat
+
+
 def flat_buffer(refs: Sequence[torch.Tensor]) -> torch.Tensor:
     """The 1-D Avalanche-layout buffer behind `refs` from `make_grads` (no copy).
 

@@ -3,11 +3,14 @@
 What one measurement is
 - Inputs: `agem_fast._workloads.make_grads` (random gradients and a flat reference,
   dot < 0 with a wide margin), cloned into `nsets` copies at distinct addresses.
-  Each set's gradients are views of one flat buffer, and the floor runs on that
-  buffer and the flat reference: every implementation reads and writes the same
-  memory. (With the floor on buffers of its own, t / t_floor moved by up to 10% from
-  process to process on the 2-core VM: equal-sized buffers there stream at speeds up
-  to 20% apart, fixed for the buffer's life.)
+  Each set's gradients are views of one flat buffer (`_workloads.pack_grads`), and
+  the floor runs on that buffer and the flat reference: every implementation reads
+  and writes the same memory. (With the floor on buffers of its own, t / t_floor
+  moved by up to 10% from process to process on the 2-core VM: equal-sized buffers
+  there stream at speeds 10-20% apart, fixed for the buffer's life; see
+  bench/buffer_spread.py.) Packed, the gradients of tiny5000 are adjacent in memory,
+  which made the CPU extension there about 1.8x faster than on separately allocated
+  gradients.
   The non-projecting case negates the references (then dot > 0, same margin).
 - Every projecting call modifies the gradients: after one projection <g', r> is 0
   (up to rounding, so a repeat may or may not project). So before EVERY call, timed
@@ -185,20 +188,6 @@ class Flusher:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _grads_in_one_buffer(params) -> torch.Tensor:
-    """Moves every `p.grad` into a view of one new flat buffer (parameter order, each
-    grad's values kept) and returns the buffer."""
-    grads = [p.grad for p in params]
-    flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
-    off = 0
-    for p, g in zip(params, grads):
-        view = flat.narrow(0, off, g.numel()).view(g.shape)
-        view.copy_(g)
-        p.grad = view
-        off += g.numel()
-    return flat
-
-
 class InputSet:
     """One gradient set: `params` whose `.grad` are views of `flat_grad`; `refs` views
     of `flat_ref`."""
@@ -207,7 +196,7 @@ class InputSet:
         self.params = params
         self.refs = refs
         self.flat_ref = flat_ref
-        self.flat_grad = _grads_in_one_buffer(params)
+        self.flat_grad = _workloads.pack_grads(params)
 
     @property
     def grads(self) -> List[torch.Tensor]:
@@ -435,7 +424,7 @@ class FloorImpl(Impl):
 
     def __init__(self, wl: Workload):
         super().__init__(wl)
-        self.backend = "flat torch.dot + axpy, preallocated buffers"
+        self.backend = "flat torch.dot + axpy on the set's packed gradients and flat reference"
         # The set's own buffers: its gradients' flat buffer and the flat reference.
         self.floors = [FlatFloor.over(s.flat_grad, s.flat_ref) for s in wl.sets]
 

@@ -52,6 +52,31 @@ def _x86_cpu_flags():
     return None
 
 
+def test_forcing_the_baseline_changes_the_code_that_runs(ext):
+    """The `isa` fixture's halves must run different copies. Where this machine picks
+    AVX2 the copies round differently (twice the lanes, fused multiply-adds), so each
+    pass gives other bits on a fixed case when the baseline is forced."""
+    module = ext.load()
+    if module.build_info()["cpu_isa"] != "avx2":
+        pytest.skip("this machine runs the baseline copies only")
+    gen = torch.Generator().manual_seed(21)
+    r = torch.randn(3 * CHUNK + 5, generator=gen)
+    g = torch.randn(3 * CHUNK + 5, generator=gen) - 0.7 * r
+    coef, yes = torch.tensor(-0.37, dtype=torch.float64), torch.tensor(True)
+    results = {}
+    for baseline in (False, True):
+        module._force_cpu_baseline(baseline)
+        try:
+            sums = torch.ops.agem_fast.sums([g], [r], [])
+            updated = g.clone()
+            torch.ops.agem_fast.apply_([updated], [r], coef, yes)
+        finally:
+            module._force_cpu_baseline(False)
+        results[baseline] = (sums, updated)
+    assert not torch.equal(results[False][0], results[True][0])  # pass 1
+    assert not torch.equal(results[False][1], results[True][1])  # pass 2, same coef
+
+
 def _case(shapes, dtype, device, seed, *, coupling=-0.7):
     """Params with random grads g = n + coupling * r, refs r; never zeros."""
     gen = torch.Generator().manual_seed(seed)
