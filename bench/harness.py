@@ -5,12 +5,7 @@ What one measurement is
   dot < 0 with a wide margin), cloned into `nsets` copies at distinct addresses.
   Each set's gradients are views of one flat buffer (`_workloads.pack_grads`), and
   the floor runs on that buffer and the flat reference: every implementation reads
-  and writes the same memory. (With the floor on buffers of its own, t / t_floor
-  moved by up to 10% from process to process on the 2-core VM: equal-sized buffers
-  there stream at speeds 10-20% apart, fixed for the buffer's life; see
-  bench/buffer_spread.py.) Packed, the gradients of tiny5000 are adjacent in memory,
-  which made the CPU extension there about 1.8x faster than on separately allocated
-  gradients.
+  and writes the same memory (why, and what it changed: bench/README.md).
   The non-projecting case negates the references (then dot > 0, same margin).
 - Every projecting call modifies the gradients: after one projection <g', r> is 0
   (up to rounding, so a repeat may or may not project). So before EVERY call, timed
