@@ -188,6 +188,19 @@ def markdown(rounds, variants):
     return "\n".join(lines)
 
 
+def phase_medians(rounds, variants):
+    """Median seconds per phase; "rest" is the strategy's own training outside the hooks."""
+    lines = ["", "Median seconds per phase (rest: the run outside the plugin's hooks)", "",
+             "| variant | " + " | ".join(PHASES) + " | rest | total |",
+             "|---|" + "---:|" * (len(PHASES) + 2)]
+    for v in variants:
+        cols = [float(np.median([r[v]["split_s"][p] for r in rounds])) for p in PHASES]
+        rest = float(np.median([r[v]["total_s"] - sum(r[v]["split_s"].values()) for r in rounds]))
+        total = float(np.median([r[v]["total_s"] for r in rounds]))
+        lines.append(f"| {v} | " + " | ".join(f"{c:.3f}" for c in cols + [rest, total]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results", "e2e_plugin.json"))
@@ -241,7 +254,7 @@ def main(argv=None):
             f"{np.median(paired[v]):.3f} ({min(paired[v]):.2f}-{max(paired[v]):.2f}) |"
             for v in variants
         ]
-        table += "\n" + "\n".join(lines)
+        table += "\n" + "\n".join(lines) + "\n" + phase_medians(rounds, variants)
     device = torch.device("cpu")
     env = {
         "torch": torch.__version__,
