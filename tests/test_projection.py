@@ -166,11 +166,13 @@ def build_case(specs: List[Spec], seed: int, *, alpha: float = 0.0, ref_form: st
         saved = [p.grad for p in params]
         for i, (p, s, r) in enumerate(zip(params, specs, ref_vals)):
             p.grad = None if r is None else materialize(r, s.dtype, s.glayout, device)
+            refs.append(p.grad)
         rg.capture_(params)
         for p, g in zip(params, saved):
             p.grad = g
-        refs = rg.as_list()
-        ref_tensors = [t for t in refs if t is not None]
+        # The oracle gets the tensors handed to capture_, not what it stored: a capture
+        # that scrambles the values must fail here, not agree with itself.
+        ref_tensors = [t for t in rg.as_list() if t is not None]
         ref_arg = rg
     else:
         raise AssertionError(ref_form)
