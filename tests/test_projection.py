@@ -708,17 +708,24 @@ def test_cpu_sums_ignore_the_float32_matmul_precision(backend):
     assert abs(float(r2.ref_sq_norm) - exact.rr) <= 1e-6 * exact.rr
 
 
-@pytest.mark.parametrize("size", [100, 5000], ids=["small_tensors", "multi_row_tensors"])
-def test_fp32_sums_never_span_two_tensors(size, backend):
-    """DESIGN section 1: fp32 accumulation inside a chunk, fp64 across. Each tensor's
-    <g,r> here is about -5e37 (fits fp32) and the sum over ten tensors about -5e38,
-    past fp32's largest value; one further tensor adds a dot a million times smaller.
-    Summing across tensors in fp32 would overflow to -inf (coef NaN, every gradient
-    NaN) and lose the small tensor's share."""
+CHUNK_ELEMS = 16384  # the extension's chunk (build_info()["chunk_elems"])
+
+
+@pytest.mark.parametrize("n_tensors,size", [(10, 100), (10, 5000), (1, 10 * CHUNK_ELEMS + 17)],
+                         ids=["small_tensors", "multi_row_tensors", "one_tensor_of_many_chunks"])
+def test_fp32_sums_never_span_two_tensors(n_tensors, size, backend):
+    """DESIGN section 1: fp32 accumulation inside a chunk, fp64 across chunks and
+    tensors. Each tensor's (or, for the single big tensor, each chunk's) <g,r> here is
+    about -5e37 (fits fp32) and the total about -5e38, past fp32's largest value; one
+    further tensor adds a dot a million times smaller. Summing chunks or tensors in
+    fp32 would overflow to -inf (coef NaN, every gradient NaN) and lose the small
+    tensor's share."""
+    if backend == "extension":
+        assert agem_fast.backend_info()["extension"]["build_info"]["chunk_elems"] == CHUNK_ELEMS
     gen = torch.Generator().manual_seed(23)
-    per_elem = 5e37 / size  # |g_i r_i|, so each tensor's dot is about -5e37
+    per_elem = 5e37 / min(size, CHUNK_ELEMS)  # |g_i r_i|: about -5e37 per tensor or chunk
     params, refs = [], []
-    for _ in range(10):
+    for _ in range(n_tensors):
         r = (torch.rand(size, generator=gen, dtype=torch.float64) + 0.5) * math.sqrt(per_elem)
         p = torch.zeros(size)
         p.grad = (-r).float()
