@@ -446,7 +446,7 @@ NAN_INF_KINDS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("kind", sorted(NAN_INF_KINDS))
 def test_nan_inf(kind, dtype, backend, device):
     params, grads, refs = _nan_inf_case(kind, dtype, device)
