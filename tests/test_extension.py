@@ -273,12 +273,19 @@ def test_cuda_chunk_edges_and_alignment(cuda_ext, dtype):
     for n in [1, 9, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 5]:
         params, refs = _case([(n,), (n + 3,), (2, 3)], dtype, dev, seed=n)
         _run(params, refs, dev)
-    buf_g = torch.randn(4 * CHUNK, device=dev).to(dtype)
-    buf_r = torch.randn(4 * CHUNK, device=dev).to(dtype)
-    for go, ro in [(1, 1), (1, 2), (0, 3)]:
-        p = torch.nn.Parameter(torch.empty(3 * CHUNK, dtype=dtype, device=dev))
-        p.grad = buf_g[go:go + 3 * CHUNK]
-        _run([p], [buf_r[ro:ro + 3 * CHUNK]], dev)
+    n = 3 * CHUNK
+    for go, ro in [(1, 1), (1, 2), (0, 3), (3, 0)]:
+        gen = torch.Generator().manual_seed(go * 10 + ro)
+        buf_g = torch.randn(n + 16, generator=gen, dtype=torch.float64).to(dtype)
+        buf_r = torch.randn(n + 16, generator=gen, dtype=torch.float64).to(dtype)
+        buf_g[go:go + n] -= 0.5 * buf_r[ro:ro + n]  # make it project: the update must run
+        buf_g, buf_r = buf_g.to(dev), buf_r.to(dev)
+        guard_before = buf_g.clone()
+        p = torch.nn.Parameter(torch.empty(n, dtype=dtype, device=dev))
+        p.grad = buf_g[go:go + n]
+        res = _run([p], [buf_r[ro:ro + n]], dev)
+        assert bool(res.projected), (go, ro)
+        assert torch.equal(buf_g[:go], guard_before[:go]) and torch.equal(buf_g[go + n:], guard_before[go + n:])
 
 
 @cuda
@@ -371,20 +378,52 @@ def test_cuda_graph_capture_and_replay(cuda_ext):
         check_call(res, orc, [p.grad.cpu() for p in params], [g.cpu() for g in static_in], dev)
 
 
-@cuda
-@pytest.mark.skipif(os.environ.get("AGEM_FAST_BIG_TESTS") != "1", reason="set AGEM_FAST_BIG_TESTS=1 (needs ~13 GB of GPU memory)")
-def test_cuda_tensor_over_2_pow_31_elements(cuda_ext):
-    dev = torch.device("cuda")
-    n = 2**31 + 4099
-    g = torch.full((n,), 1.0, dtype=torch.float16, device=dev)
-    r = torch.full((n,), -1.0, dtype=torch.float16, device=dev)
-    g[-5:] = 3.0  # the tail past 2^31 must take part
-    p = torch.nn.Parameter(torch.empty(n, dtype=torch.float16, device=dev))
+def _pattern(start, stop, device):
+    """Position-dependent fp16 values (exact small integers): r in 1..5, g = (i % 7 - 3) - 2r,
+    so <g, r> < 0; an index off by any amount reads a different value somewhere."""
+    i = torch.arange(start, stop, device=device)
+    r = (i % 5 + 1).to(torch.float16)
+    g = ((i % 7 - 3) - 2 * (i % 5 + 1)).to(torch.float16)
+    return g, r
+
+
+def _check_one_big_tensor(n, device, step=1 << 26):
+    """Project one fp16 tensor of n elements; check dot, rr and every element of g and r
+    against the pattern, streamed in pieces of `step` elements (no fp64 copy of the whole)."""
+    g = torch.empty(n, dtype=torch.float16, device=device)
+    r = torch.empty(n, dtype=torch.float16, device=device)
+    dot = rr = 0
+    for a in range(0, n, step):
+        g0, r0 = _pattern(a, min(a + step, n), device)
+        g[a:a + len(g0)], r[a:a + len(r0)] = g0, r0
+        dot += int((g0.double() * r0.double()).sum())  # integers: exact in fp64
+        rr += int((r0.double() ** 2).sum())
+    p = torch.nn.Parameter(torch.empty(n, dtype=torch.float16, device=device))
     p.grad = g
     res = agem_fast.project_([p], [r])
-    expected_dot = -(n - 5) - 5 * 3.0
-    assert abs(float(res.dot) - expected_dot) <= 1e-6 * n
-    assert float(res.ref_sq_norm) == pytest.approx(n, rel=1e-6)
-    coef = expected_dot / n
-    assert float(g[0]) == pytest.approx(1.0 + coef, abs=1e-3)
-    assert float(g[-1]) == pytest.approx(3.0 + coef, abs=1e-2)
+    # every chunk's fp32 partial is an integer below 2^24 and fp64 adds them exactly
+    assert float(res.dot) == dot and float(res.ref_sq_norm) == rr and bool(res.projected)
+    coef32 = torch.tensor(dot / rr, dtype=torch.float32)
+    for a in range(0, n, step):
+        g0, r0 = _pattern(a, min(a + step, n), device)
+        assert torch.equal(r[a:a + len(r0)], r0), f"reference changed in [{a}, {a + len(r0)})"
+        expected = (g0.float() - coef32.to(device) * r0.float()).half()
+        torch.testing.assert_close(g[a:a + len(g0)], expected, rtol=2**-10, atol=2**-14,
+                                   msg=lambda m: f"g in [{a}, {a + len(g0)}): {m}")
+
+
+def test_one_big_tensor_checked_element_by_element(ext):
+    """The streamed check of the 2^31 test below, at a size this machine runs."""
+    _check_one_big_tensor(3 * CHUNK + 4099, torch.device("cpu"), step=CHUNK + 7)
+
+
+@cuda
+def test_cuda_tensor_over_2_pow_31_elements(cuda_ext):
+    """64-bit indexing: a tensor past 2^31 elements, every element checked."""
+    n = 2**31 + 4099
+    if os.environ.get("AGEM_FAST_BIG_TESTS") == "0":
+        pytest.skip("AGEM_FAST_BIG_TESTS=0")
+    free, _ = torch.cuda.mem_get_info()
+    if free < 20 * 2**30:  # g, r and the parameter: 3 x 4 GiB, plus the pieces in flight
+        pytest.skip(f"needs 20 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    _check_one_big_tensor(n, torch.device("cuda"))
