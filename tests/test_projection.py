@@ -269,14 +269,24 @@ def test_single_tensor_1e6(dtype, backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_huge_single_vs_many_tiny(dtype, backend, device):
-    """The same 2^17 values as one tensor and as 4096 tensors of 32: both match the oracle."""
+    """The same 2^17 values as one tensor and as 4096 tensors of 32 (reference passed
+    flat): both match the oracle, and they agree on dot and rr."""
     n = 1 << 17
     case_one = build_case([Spec((n,), dtype)], 11, alpha=-0.2, device=device)
-    run_and_check(case_one, device)
-    case_many = build_case([Spec((32,), dtype) for _ in range(n // 32)], 11, alpha=-0.2,
-                           device=device, ref_form="flat")
-    res, orc = run_and_check(case_many, device)
+    g_vals, r_vals = case_one.grads[0].clone(), case_one.refs[0].clone()
+    res_one, orc = run_and_check(case_one, device)
     assert orc.projected
+    params = [torch.empty(32, dtype=dtype, device=device) for _ in range(n // 32)]
+    for p, g in zip(params, g_vals.split(32)):
+        p.grad = g.clone()
+    case_many = Case(params, r_vals, [p.grad for p in params], list(r_vals.split(32)),
+                     [r_vals], [], 0.0)
+    res_many, orc_many = run_and_check(case_many, device)
+    # same values: the same sums (up to the oracle's own fp64 summation order)
+    assert orc_many.dot == pytest.approx(orc.dot, rel=1e-12) and orc_many.rr == pytest.approx(orc.rr, rel=1e-12)
+    for name in ("dot", "ref_sq_norm"):
+        a, b = float(getattr(res_one, name)), float(getattr(res_many, name))
+        assert abs(a - b) <= 1e-6 * abs(b), (name, a, b)
 
 
 @settings(max_examples=60, deadline=None,
