@@ -65,7 +65,8 @@ def _typed_param(shape, dtype, device, gen):
 
 
 # Each builder mutates a valid (params, refs) and returns (params, ref_arg, kwargs, pattern):
-# `pattern` must be found in the error message (the index, or what is wrong).
+# `pattern` (a regex, or a tuple of regexes that must all match) must be found in the
+# error message: where (the index) and what is wrong.
 IDX = r"(\[2\]|\b(param(eter)?|index|entry|tensor)\s*#?\s*2\b)"
 
 
@@ -84,13 +85,13 @@ def case_refgrad_too_short(params, refs, device, gen):
 
 def case_numel_mismatch(params, refs, device, gen):
     refs[BAD] = torch.ones(refs[BAD].numel() + 1, device=device)
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)elements|numel")
 
 
 def case_numel_mismatch_ref_only(params, refs, device, gen):
     params[BAD].grad = None
     refs[BAD] = torch.ones(refs[BAD].numel() - 1, device=device)
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)elements|numel")
 
 
 def case_refgrad_numel_mismatch(params, refs, device, gen):
@@ -99,63 +100,63 @@ def case_refgrad_numel_mismatch(params, refs, device, gen):
     for o in other:
         o.grad = torch.ones_like(o)
     rg = agem_fast.ReferenceGradient(other).capture_(other)
-    return params, rg, {}, IDX
+    return params, rg, {}, (IDX, r"(?i)elements|numel")
 
 
 def case_grad_on_other_device(params, refs, device, gen):
     params[BAD] = _param_on(SHAPES[BAD], _other(device))
     refs[BAD] = torch.ones(SHAPES[BAD], device=_other(device))
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)device|\bon (meta|cpu)")
 
 
 def case_grad_on_other_device_ref_local(params, refs, device, gen):
     params[BAD] = _param_on(SHAPES[BAD], _other(device))
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)device|\bon (meta|cpu)")
 
 
 def case_ref_on_other_device(params, refs, device, gen):
     refs[BAD] = torch.ones(SHAPES[BAD], device=_other(device))
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)device|\bon (meta|cpu)")
 
 
 def case_ref_only_on_other_device(params, refs, device, gen):
     params[BAD].grad = None
     refs[BAD] = torch.ones(SHAPES[BAD], device=_other(device))
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)device|\bon (meta|cpu)")
 
 
 def case_int_grad(params, refs, device, gen):
     params[BAD] = _typed_param(SHAPES[BAD], torch.int32, device, gen)
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)dtype")
 
 
 def case_complex_grad(params, refs, device, gen):
     params[BAD] = _typed_param(SHAPES[BAD], torch.complex64, device, gen)
     refs[BAD] = refs[BAD].to(torch.complex64)
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)dtype")
 
 
 def case_int_ref(params, refs, device, gen):
     refs[BAD] = torch.randint(1, 9, SHAPES[BAD], generator=gen).to(device)
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)dtype")
 
 
 def case_int_ref_only(params, refs, device, gen):
     params[BAD].grad = None
     refs[BAD] = torch.randint(1, 9, SHAPES[BAD], generator=gen).to(device)
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)dtype")
 
 
 def case_complex_ref(params, refs, device, gen):
     refs[BAD] = refs[BAD].to(torch.complex64)
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)dtype")
 
 
 def case_sparse_grad(params, refs, device, gen):
     p = torch.empty(SHAPES[BAD], device=device)
     p.grad = params[BAD].grad.to_sparse()
     params[BAD] = p
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)sparse")
 
 
 def case_overlapping_grad(params, refs, device, gen):
@@ -165,7 +166,7 @@ def case_overlapping_grad(params, refs, device, gen):
     p = torch.empty(SHAPES[BAD], device=device)
     p.grad = g.as_strided(g.shape, [0] * g.dim())
     params[BAD] = p
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)overlap|sharing memory")
 
 
 def case_partly_overlapping_grad(params, refs, device, gen):
@@ -177,7 +178,7 @@ def case_partly_overlapping_grad(params, refs, device, gen):
     p.grad = base.as_strided(shape, (4, 1))
     params[BAD] = p
     refs[BAD] = _vals(gen, shape).to(device=device, dtype=torch.float32)
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)overlap|sharing memory")
 
 
 def case_inference_grad(params, refs, device, gen):
@@ -187,17 +188,17 @@ def case_inference_grad(params, refs, device, gen):
     with torch.inference_mode():
         p.grad = params[BAD].grad.clone()
     params[BAD] = p
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)inference")
 
 
 def case_duplicate_param(params, refs, device, gen):
     params[BAD] = params[BAD - 1]
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)same tensor|duplicate|once")
 
 
 def case_sparse_ref(params, refs, device, gen):
     refs[BAD] = refs[BAD].to_sparse()
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)sparse")
 
 
 def case_sparse_flat(params, refs, device, gen):
@@ -222,7 +223,7 @@ def case_flat_not_1d(params, refs, device, gen):
 
 def case_ref_dtype_mismatch(params, refs, device, gen):
     refs[BAD] = refs[BAD].double()
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)dtype")
 
 
 def case_flat_dtype_mismatch(params, refs, device, gen):
@@ -233,7 +234,7 @@ def case_flat_dtype_mismatch(params, refs, device, gen):
         params[i] = p
         refs[i] = refs[i].double()
     flat = torch.cat([r.double().reshape(-1) for r in refs])
-    return params, flat, {}, IDX
+    return params, flat, {}, (IDX, r"(?i)dtype")
 
 
 def case_refgrad_dtype_mismatch(params, refs, device, gen):
@@ -242,22 +243,22 @@ def case_refgrad_dtype_mismatch(params, refs, device, gen):
     for o in other:
         o.grad = torch.ones_like(o)
     rg = agem_fast.ReferenceGradient(other).capture_(other)
-    return params, rg, {}, IDX
+    return params, rg, {}, (IDX, r"(?i)dtype")
 
 
 def case_non_tensor_param(params, refs, device, gen):
     params[BAD] = [1.0, 2.0]
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)expected a (torch\.)?tensor")
 
 
 def case_non_tensor_ref(params, refs, device, gen):
     refs[BAD] = refs[BAD].cpu().numpy() if device.type == "cpu" else 3.0
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)expected a (torch\.)?tensor")
 
 
 def case_scalar_ref(params, refs, device, gen):
     refs[BAD] = 0.5
-    return params, refs, {}, IDX
+    return params, refs, {}, (IDX, r"(?i)expected a (torch\.)?tensor")
 
 
 def case_ref_grad_wrong_type(params, refs, device, gen):
@@ -292,14 +293,20 @@ def test_bad_input_raises_and_changes_nothing(name, backend, device):
     # what must survive: every grad object, its bits, and every reference
     grads = [p.grad if isinstance(p, torch.Tensor) else None for p in params]
     g_bits = [None if g is None or g.is_sparse or g.device.type == "meta" else bits(g) for g in grads]
-    ref_list = ref_arg if isinstance(ref_arg, list) else []
+    if isinstance(ref_arg, agem_fast.ReferenceGradient):
+        ref_list = [t for t in ref_arg.as_list() if t is not None]
+    elif isinstance(ref_arg, torch.Tensor):  # the flat form
+        ref_list = [ref_arg]
+    else:
+        ref_list = ref_arg if isinstance(ref_arg, list) else []
     r_bits = [bits(r) if isinstance(r, torch.Tensor) and r.layout == torch.strided and r.device.type != "meta"
               else None for r in ref_list]
 
     with pytest.raises((ValueError, TypeError)) as info:
         agem_fast.project_(params, ref_arg, **kwargs)
     msg = str(info.value)
-    assert re.search(pattern, msg), f"message does not say what/where: {msg!r} (wanted /{pattern}/)"
+    for pat in (pattern if isinstance(pattern, tuple) else (pattern,)):
+        assert re.search(pat, msg), f"message does not say what/where: {msg!r} (wanted /{pat}/)"
 
     for i, (p, g, b) in enumerate(zip(params, grads, g_bits)):
         if not isinstance(p, torch.Tensor):
