@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, NamedTuple
 
@@ -84,6 +85,19 @@ def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, grou
 def _project_planned(params: list, ref_grad, eps: float, group) -> Projection:
     """project_ through the Python planner: every check, every layout, any backend."""
     plan = make_plan(params, ref_grad, eps, sharded=group is not None)
+    # Autocast would run some of the torch backend's reductions in bf16/fp16: the
+    # precision DESIGN section 1 fixes must not depend on the caller's context.
+    with _no_autocast(plan.device.type):
+        return _run_plan(plan, group)
+
+
+def _no_autocast(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _run_plan(plan, group) -> Projection:
     if backend_for(plan.device) == "torch":
         backend = _torch_backend
     else:

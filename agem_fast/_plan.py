@@ -89,9 +89,10 @@ def _overlaps(t: torch.Tensor) -> bool:
         return False
     if t.numel() > _OVERLAP_ENUMERATION_LIMIT:
         return True  # cannot prove otherwise at a reasonable cost
-    offsets = torch.zeros((), dtype=torch.int64)
+    offsets = torch.zeros((), dtype=torch.int64, device="cpu")  # whatever the default device
     for stride, size in dims:
-        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride).reshape(-1)
+        step = torch.arange(size, dtype=torch.int64, device="cpu") * stride
+        offsets = (offsets.unsqueeze(-1) + step).reshape(-1)
     return torch.unique(offsets).numel() != offsets.numel()
 
 

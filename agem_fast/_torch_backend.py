@@ -78,8 +78,8 @@ def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list
     # One partial per row, written in place; then one per tensor, so temporaries never
     # grow with the size of the model.
     n_rows = -(-n // _ROW)
-    row_sqs = torch.empty(n_rows, dtype=r.dtype)
-    row_dots = torch.empty(n_rows, dtype=r.dtype) if g is not None else None
+    row_sqs = torch.empty(n_rows, dtype=r.dtype, device=r.device)
+    row_dots = torch.empty(n_rows, dtype=r.dtype, device=r.device) if g is not None else None
     for start in range(0, n, _PIECE):
         m = min(_PIECE, n - start)
         first = start // _ROW  # pieces hold whole rows, but for a tensor's last one
@@ -133,7 +133,7 @@ def _sums(plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
             r = _as_accum(r if r.is_contiguous() else r.contiguous())
             buf = bufs.get(r.dtype)
             if buf is None:
-                buf = bufs[r.dtype] = torch.empty(size, dtype=r.dtype)
+                buf = bufs[r.dtype] = torch.empty(size, dtype=r.dtype, device=r.device)
             _row_sums_cpu(None if g is None else _as_accum(g), r, dots, sqs, buf)
     else:  # cuBLAS dots are tree reductions, deterministic for a given device and size
         for g, r in zip(plan.grads, plan.refs):

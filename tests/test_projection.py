@@ -471,6 +471,28 @@ def test_nan_inf(kind, dtype, backend, device):
         assert float(res.coef) == 0.0  # never NaN when not projecting
 
 
+@pytest.mark.parametrize("ref_form", REF_FORMS)
+def test_autocast_does_not_change_the_precision(ref_form, backend, device):
+    """Inside torch.autocast (which runs some reductions in bf16 or fp16) the sums keep
+    DESIGN section 1's precision."""
+    specs = [Spec((300,), torch.float32), Spec((5000,), torch.float32), Spec((7, 9), torch.float32)]
+    case = build_case(specs, 29, alpha=-0.01, ref_form=ref_form, device=device)
+    low = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, dtype=low):
+        res, orc = run_and_check(case, device)
+    assert orc.projected
+
+
+def test_default_device_does_not_matter(backend):
+    """CPU gradients are projected on the CPU whatever torch's default device is."""
+    case = build_case([Spec((5000,), torch.float32), Spec((3, 4), torch.float32)], 31, alpha=-0.3)
+    orc = oracle(case.grads, case.refs)
+    before = [g.clone() for g in case.grads]
+    with torch.device("meta"):
+        res = agem_fast.project_(case.params, case.ref_arg)
+    check_call(res, orc, [p.grad for p in case.params], before, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("ref_form", ["list", "flat", "refgrad"])
 def test_empty_params(ref_form, backend):
     if ref_form == "list":
