@@ -126,6 +126,95 @@ def param_list(params) -> list:
     return params if isinstance(params, list) else list(params)
 
 
+def _span(t: torch.Tensor):
+    """The bytes [lo, hi) that t's elements lie within (None when t has none)."""
+    if t.numel() == 0:
+        return None
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    lo = t.data_ptr()
+    return lo, lo + extent * t.element_size()
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    lo, hi = _span(t)
+    return hi - lo == t.numel() * t.element_size()
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b, whose spans overlap, have some memory in common. Exact for dense
+    tensors and for small strided views of one element size; otherwise assumes they do."""
+    if _is_dense(a) and _is_dense(b):
+        return True  # two dense ranges that overlap share bytes
+    size = a.element_size()
+    delta = b.data_ptr() - a.data_ptr()
+    if (b.element_size() != size or delta % size
+            or a.numel() + b.numel() > _OVERLAP_ENUMERATION_LIMIT):
+        return True  # cannot prove otherwise at a reasonable cost
+
+    def offsets(t, base):
+        out = torch.full((), base, dtype=torch.int64, device="cpu")
+        for n, st in zip(t.shape, t.stride()):
+            out = (out.unsqueeze(-1) + torch.arange(n, dtype=torch.int64, device="cpu") * st).reshape(-1)
+        return out
+
+    return bool(torch.isin(offsets(a, 0), offsets(b, delta // size)).any())
+
+
+def _same_view(g: torch.Tensor, r: torch.Tensor) -> bool:
+    """r is g's own memory, element for element (a pair aliased with itself is harmless:
+    each element is read before it is written)."""
+    if g.data_ptr() != r.data_ptr() or g.dtype != r.dtype or g.numel() != r.numel():
+        return False
+    return (g.is_contiguous() and r.is_contiguous()) or (
+        g.shape == r.shape and g.stride() == r.stride())
+
+
+def _check_no_shared_memory(grads, grad_index, refs, ref_index) -> None:
+    """Refuse gradients that share memory with another gradient or with another
+    parameter's reference: pass 2 updates them in place one after another, so the result
+    would depend on the order of the writes."""
+    events = []  # (lo, hi, is_grad, parameter index, tensor)
+    for g, i in zip(grads, grad_index):
+        span = _span(g)
+        if span is not None:
+            events.append((span[0], span[1], True, i, g))
+    for r, i in zip(refs, ref_index):
+        span = _span(r)
+        if span is not None:
+            events.append((span[0], span[1], False, i, r))
+    if len(events) < 2:
+        return
+    events.sort(key=lambda e: e[0])
+    active_grads: list = []  # entries whose span may still overlap what comes next
+    active_refs: list = []
+    for ev in events:
+        lo, _, is_grad, i, t = ev
+        active_grads = [e for e in active_grads if e[1] > lo]
+        others = active_grads
+        if is_grad:
+            active_refs = [e for e in active_refs if e[1] > lo]
+            others = active_grads + active_refs
+        for _, _, other_is_grad, j, u in others:
+            if not is_grad and j == i and _same_view(u, t):
+                continue
+            if is_grad and not other_is_grad and j == i and _same_view(t, u):
+                continue
+            if not _share_elements(t, u):
+                continue
+            if is_grad and other_is_grad:
+                a, b = sorted((i, j))
+                raise ValueError(
+                    f"params[{a}].grad and params[{b}].grad share memory; each gradient is "
+                    "updated in place, so no two may overlap"
+                )
+            gi, rj = (i, j) if is_grad else (j, i)
+            raise ValueError(
+                f"ref_grad[{rj}] shares memory with params[{gi}].grad, which is updated in "
+                "place; pass a copy of the reference (e.g. .clone())"
+            )
+        (active_grads if is_grad else active_refs).append(ev)
+
+
 def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan:
     """Validate the tensors and build the Plan. Raises before touching any gradient.
 
@@ -168,6 +257,7 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
     compiling = torch.compiler.is_compiling()  # dynamo cannot trace is_inference()
     device: Optional[torch.device] = None
     plan_grads, plan_refs, ref_only, irregular = [], [], [], []
+    grad_index, ref_only_index = [], []  # the parameter index of each entry (for errors)
     for i, (p, r) in enumerate(zip(params, refs)):
         g = p.grad
         if g is not None:
@@ -205,6 +295,7 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
                     f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {_local_numel(p)}"
                 )
             ref_only.append(r)
+            ref_only_index.append(i)
             continue
         if not compiling and g.is_inference() and not torch.is_inference_mode_enabled():
             raise ValueError(
@@ -228,8 +319,12 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
                 r = r.reshape(g_shape)  # a view whenever the layout allows, else a copy
         plan_grads.append(g)
         plan_refs.append(r)
+        grad_index.append(i)
 
     if device is None:
         device = params[0].device if params else torch.device("cpu")
+    if not compiling and device.type != "meta":  # fake and meta tensors have no memory
+        _check_no_shared_memory(plan_grads, grad_index, plan_refs + ref_only,
+                                grad_index + ref_only_index)
     return Plan(device=device, eps=eps, grads=plan_grads, refs=plan_refs, ref_only=ref_only,
                 irregular=irregular)

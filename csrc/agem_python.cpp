@@ -53,6 +53,31 @@ bool same_device(std::optional<at::Device>& device, const at::Tensor& t) {
   return t.device() == *device;
 }
 
+// The bytes [lo, hi) of a dense tensor's elements.
+struct Span {
+  uintptr_t lo, hi;
+};
+
+// Whether a gradient shares memory with another gradient, or with a reference that is
+// not exactly its own gradient: pass 2 would then depend on the order of its writes.
+// All spans are of dense tensors, so overlapping spans do share elements (the planner
+// raises with the indices).
+bool any_shared_memory(std::vector<Span>& grads, const std::vector<Span>& refs) {
+  auto by_lo = [](const Span& a, const Span& b) { return a.lo < b.lo; };
+  std::sort(grads.begin(), grads.end(), by_lo);
+  for (size_t k = 1; k < grads.size(); ++k) {
+    if (grads[k].lo < grads[k - 1].hi) return true;
+  }
+  // Disjoint and sorted by lo, so sorted by hi too: the first gradient ending after r
+  // begins is the only candidate that can start before r ends.
+  for (const Span& r : refs) {
+    auto it = std::partition_point(grads.begin(), grads.end(),
+                                   [&](const Span& g) { return g.hi <= r.lo; });
+    if (it != grads.end() && it->lo < r.hi) return true;
+  }
+  return false;
+}
+
 // params: a list of tensors. refs: a list aligned with params (tensors or None), or a
 // 1-D tensor in Avalanche's flat layout. Returns (dot, rr, coef, projected) or None.
 py::object project_plain(const py::list& params, const py::object& refs, double eps) {
@@ -88,6 +113,9 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
   std::vector<RefOnly> ref_only;
   Table table;
   table.entries.reserve(n);
+  std::vector<Span> grad_spans, ref_spans;  // written, and read, memory (non-empty tensors)
+  grad_spans.reserve(n);
+  ref_spans.reserve(n);
 
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p_obj = PyList_GET_ITEM(params.ptr(), i);
@@ -123,9 +151,12 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       if (g.defined() && !(plain(g) && same_device(device, g))) return py::none();
       continue;
     }
+    const uintptr_t r_lo = reinterpret_cast<uintptr_t>(r);
+    const uintptr_t r_bytes = static_cast<uintptr_t>(r_numel) * c10::elementSize(r_dtype);
     if (!g.defined()) {  // reference-only: counts in ||r||^2
       if (r_numel != p.numel()) return py::none();
       ref_only.push_back({r, r_numel, r_dtype});
+      if (r_bytes) ref_spans.push_back({r_lo, r_lo + r_bytes});
       continue;
     }
     if (!plain(g) || g.scalar_type() != r_dtype || g.numel() != r_numel || !r_order_ok ||
@@ -134,11 +165,19 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
     }
     table.add(g.data_ptr(), r, r_numel, dtype_code(r_dtype));
     grads.push_back(g);
+    if (r_bytes) {
+      const uintptr_t g_lo = reinterpret_cast<uintptr_t>(g.data_ptr());
+      grad_spans.push_back({g_lo, g_lo + r_bytes});
+      // r exactly g (same bytes, same order: checked above) is harmless: each element is
+      // read before it is written.
+      if (r_lo != g_lo) ref_spans.push_back({r_lo, r_lo + r_bytes});
+    }
   }
   if (flat_form && flat_offset != flat.numel()) return py::none();
   std::sort(seen.begin(), seen.end());
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) return py::none();  // listed twice
   if (!device) return py::none();  // no tensor at all: the planner answers
+  if (any_shared_memory(grad_spans, ref_spans)) return py::none();  // the planner raises
   table.end_pairs();
   for (const RefOnly& e : ref_only) table.add(nullptr, e.r, e.numel, dtype_code(e.dtype));
 

@@ -471,6 +471,26 @@ def test_nan_inf(kind, dtype, backend, device):
         assert float(res.coef) == 0.0  # never NaN when not projecting
 
 
+def test_memory_sharing_that_is_harmless_is_accepted(backend, device):
+    """A reference that is its own gradient, gradients interleaved in one buffer, and
+    references shared between parameters: legal, and right."""
+    gen = torch.Generator().manual_seed(37)
+    buf = rand_values(gen, (20,)).to(device=device, dtype=torch.float32)
+    shared_ref = rand_values(gen, (5,)).to(device=device, dtype=torch.float32)
+    params = [torch.empty(s, device=device) for s in [(10,), (10,), (6,), (5,), (5,)]]
+    params[0].grad, params[1].grad = buf[0::2], buf[1::2]  # disjoint, interleaved
+    params[2].grad = rand_values(gen, (6,)).to(device=device, dtype=torch.float32)
+    params[3].grad = -2 * shared_ref + 0.1 * rand_values(gen, (5,)).to(device=device, dtype=torch.float32)
+    params[4].grad = -3 * shared_ref
+    refs = [-buf[0::2].clone(), rand_values(gen, (10,)).to(device=device, dtype=torch.float32),
+            params[2].grad, shared_ref, shared_ref]  # refs[2] IS params[2].grad
+    before = [p.grad.clone() for p in params]
+    orc = oracle(before, [r.clone() for r in refs])
+    assert orc.projected
+    res = agem_fast.project_(params, refs)
+    check_call(res, orc, [p.grad for p in params], before, device)
+
+
 @pytest.mark.parametrize("ref_form", REF_FORMS)
 def test_autocast_does_not_change_the_precision(ref_form, backend, device):
     """Inside torch.autocast (which runs some reductions in bf16 or fp16) the sums keep

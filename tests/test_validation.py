@@ -196,6 +196,36 @@ def case_duplicate_param(params, refs, device, gen):
     return params, refs, {}, (IDX, r"(?i)same tensor|duplicate|once")
 
 
+def case_ref_is_another_grad(params, refs, device, gen):
+    # entry 2's reference is entry 1's gradient: updating params[1].grad first (or last)
+    # would change what entry 2 reads, so the result would depend on the order
+    p = torch.empty(SHAPES[1], device=device)
+    p.grad = _vals(gen, SHAPES[1]).to(device=device, dtype=torch.float32)
+    params[1] = p
+    refs[1] = -p.grad.clone()
+    refs[BAD] = p.grad.view(-1)[: refs[BAD].numel()]
+    return params, refs, {}, (IDX, r"(?i)share|overlap|alias")
+
+
+def case_grads_share_memory(params, refs, device, gen):
+    buf = _vals(gen, (TOTAL,)).to(device=device, dtype=torch.float32)
+    p = torch.empty(SHAPES[1], device=device)
+    p.grad = buf[: p.numel()].view(SHAPES[1])
+    params[1] = p
+    q = torch.empty(SHAPES[BAD], device=device)
+    q.grad = buf[p.numel() - 3 : p.numel() - 3 + q.numel()]  # its first 3 elements are p's last
+    params[BAD] = q
+    return params, refs, {}, (IDX, r"(?i)share|overlap|alias")
+
+
+def case_flat_ref_holds_a_grad(params, refs, device, gen):
+    flat = torch.cat([r.reshape(-1) for r in refs])
+    p = torch.empty(SHAPES[BAD], device=device)
+    p.grad = flat[: p.numel()]  # inside entry 0's slice of the flat reference
+    params[BAD] = p
+    return params, flat, {}, (IDX, r"(?i)share|overlap|alias")
+
+
 def case_sparse_ref(params, refs, device, gen):
     refs[BAD] = refs[BAD].to_sparse()
     return params, refs, {}, (IDX, r"(?i)sparse")
