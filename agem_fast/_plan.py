@@ -6,6 +6,7 @@ call that raises leaves every gradient exactly as it was.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -169,6 +170,24 @@ def _same_view(g: torch.Tensor, r: torch.Tensor) -> bool:
         g.shape == r.shape and g.stride() == r.stride())
 
 
+def _spans_overlap(grad_spans, ref_spans) -> bool:
+    """Cheap filter for _check_no_shared_memory: whether the byte range of a gradient
+    meets that of another gradient or of a reference. Spans are (lo, hi) bytes."""
+    grad_spans.sort()
+    for k in range(1, len(grad_spans)):
+        if grad_spans[k][0] < grad_spans[k - 1][1]:
+            return True  # two gradients (the check decides whether they truly overlap)
+    # Now disjoint and sorted: the first gradient ending after a reference begins is the
+    # only one that can start before it ends.
+    los = [lo for lo, _ in grad_spans]
+    his = [hi for _, hi in grad_spans]
+    for lo, hi in ref_spans:
+        k = bisect.bisect_right(his, lo)
+        if k < len(los) and los[k] < hi:
+            return True
+    return False
+
+
 def _check_no_shared_memory(grads, grad_index, refs, ref_index) -> None:
     """Refuse gradients that share memory with another gradient or with another
     parameter's reference: pass 2 updates them in place one after another, so the result
@@ -258,6 +277,8 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
     device: Optional[torch.device] = None
     plan_grads, plan_refs, ref_only, irregular = [], [], [], []
     grad_index, ref_only_index = [], []  # the parameter index of each entry (for errors)
+    grad_spans, ref_spans = [], []  # (lo, hi) bytes, for the memory-sharing check
+    flat_form = isinstance(ref_grad, torch.Tensor)
     for i, (p, r) in enumerate(zip(params, refs)):
         g = p.grad
         if g is not None:
@@ -305,7 +326,8 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
         g_shape = g.shape
         if r.shape != g_shape and not sizes_checked and r.numel() != g.numel():
             raise ValueError(f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {g.numel()}")
-        if not (g.is_contiguous() and r.is_contiguous()):
+        contiguous = g.is_contiguous() and r.is_contiguous()
+        if not contiguous:
             # Both contiguous (the common case) pair up as flat memory whatever their
             # shapes; anything else gets g's shape and is flagged for the backends.
             if _overlaps(g):
@@ -320,11 +342,23 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
         plan_grads.append(g)
         plan_refs.append(r)
         grad_index.append(i)
+        if not compiling:  # the byte ranges written and read, for the check below
+            g_span = (g.data_ptr(), g.data_ptr() + g.nbytes) if contiguous else _span(g)
+            if g_span is not None and g_span[0] < g_span[1]:
+                grad_spans.append(g_span)
+                # a reference that is its own gradient is harmless; a flat one is one range
+                if not (flat_form or (g_span[0] == r.data_ptr() and _same_view(g, r))):
+                    ref_spans.append((r.data_ptr(), r.data_ptr() + r.nbytes) if contiguous else _span(r))
 
     if device is None:
         device = params[0].device if params else torch.device("cpu")
     if not compiling and device.type != "meta":  # fake and meta tensors have no memory
-        _check_no_shared_memory(plan_grads, grad_index, plan_refs + ref_only,
-                                grad_index + ref_only_index)
+        if flat_form:
+            ref_spans.append(_span(ref_grad))
+        else:
+            ref_spans += [_span(r) for r in ref_only]
+        if _spans_overlap(grad_spans, [s for s in ref_spans if s is not None]):
+            _check_no_shared_memory(plan_grads, grad_index, plan_refs + ref_only,
+                                    grad_index + ref_only_index)
     return Plan(device=device, eps=eps, grads=plan_grads, refs=plan_refs, ref_only=ref_only,
                 irregular=irregular)
