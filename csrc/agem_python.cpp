@@ -99,10 +99,10 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
     device = flat.device();
     flat_base = static_cast<const char*>(flat.const_data_ptr());
   }
-  // Every parameter, to refuse one listed twice (checked once, before any write: a
-  // sorted vector costs no allocation per tensor, unlike a hash set).
+  // A parameter listed twice is refused. One whose gradient is written shows up as two
+  // gradients sharing memory (any_shared_memory below); the others are kept here and
+  // compared by address (a sorted vector: no allocation per tensor, unlike a hash set).
   std::vector<const c10::TensorImpl*> seen;
-  seen.reserve(n);
   std::vector<at::Tensor> grads;  // updated in place: their version counters are bumped
   grads.reserve(n);
   // Owned references to every list entry read: the kernels run without the GIL, when
@@ -122,7 +122,6 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
     if (!THPVariable_Check(p_obj)) return py::none();
     const at::Tensor& p = THPVariable_Unpack(p_obj);
     if (p.unsafeGetTensorImpl()->is_python_dispatch()) return py::none();
-    seen.push_back(p.unsafeGetTensorImpl());
     const at::Tensor& g = p.grad();
 
     // The reference: a slice of the flat tensor (by pointer: no view is made), or the
@@ -149,6 +148,11 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       r_order_ok = !g.defined() || same_order(g, rt);
     } else {  // no reference: the gradient is neither counted nor changed
       if (g.defined() && !(plain(g) && same_device(device, g))) return py::none();
+      seen.push_back(p.unsafeGetTensorImpl());
+      if (g.defined() && g.numel()) {  // met again as a written gradient: listed twice
+        const uintptr_t g_lo = reinterpret_cast<uintptr_t>(g.data_ptr());
+        ref_spans.push_back({g_lo, g_lo + static_cast<uintptr_t>(g.nbytes())});
+      }
       continue;
     }
     const uintptr_t r_lo = reinterpret_cast<uintptr_t>(r);
@@ -157,6 +161,7 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       if (r_numel != p.numel()) return py::none();
       ref_only.push_back({r, r_numel, r_dtype});
       if (r_bytes) ref_spans.push_back({r_lo, r_lo + r_bytes});
+      seen.push_back(p.unsafeGetTensorImpl());
       continue;
     }
     if (!plain(g) || g.scalar_type() != r_dtype || g.numel() != r_numel || !r_order_ok ||
@@ -171,6 +176,8 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       // r exactly g (same bytes, same order: checked above) is harmless: each element is
       // read before it is written.
       if (r_lo != g_lo) ref_spans.push_back({r_lo, r_lo + r_bytes});
+    } else {
+      seen.push_back(p.unsafeGetTensorImpl());
     }
   }
   if (flat_form && flat_offset != flat.numel()) return py::none();

@@ -196,6 +196,27 @@ def case_duplicate_param(params, refs, device, gen):
     return params, refs, {}, (IDX, r"(?i)same tensor|duplicate|once")
 
 
+def case_duplicate_param_without_grad(params, refs, device, gen):
+    # reference-only twice: its <r, r> would be counted twice
+    params[BAD - 1].grad = None
+    params[BAD] = params[BAD - 1]
+    refs[BAD] = refs[BAD - 1].clone()
+    return params, refs, {}, (IDX, r"(?i)same tensor|duplicate|once")
+
+
+def case_duplicate_param_once_without_ref(params, refs, device, gen):
+    # written through entry 1, skipped (no reference) as entry 2
+    params[BAD] = params[BAD - 1]
+    refs[BAD] = None
+    return params, refs, {}, (IDX, r"(?i)same tensor|duplicate|once")
+
+
+def case_duplicate_param_never_written(params, refs, device, gen):
+    params[BAD] = params[BAD - 1]
+    refs[BAD - 1] = refs[BAD] = None
+    return params, refs, {}, (IDX, r"(?i)same tensor|duplicate|once")
+
+
 def case_ref_is_another_grad(params, refs, device, gen):
     # entry 2's reference is entry 1's gradient: updating params[1].grad first (or last)
     # would change what entry 2 reads, so the result would depend on the order
