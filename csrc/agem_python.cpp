@@ -160,7 +160,7 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
     if (!g.defined()) {  // reference-only: counts in ||r||^2
       if (r_numel != p.numel()) return py::none();
       ref_only.push_back({r, r_numel, r_dtype});
-      if (r_bytes) ref_spans.push_back({r_lo, r_lo + r_bytes});
+      if (r_bytes && !flat_form) ref_spans.push_back({r_lo, r_lo + r_bytes});
       seen.push_back(p.unsafeGetTensorImpl());
       continue;
     }
@@ -174,8 +174,8 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       const uintptr_t g_lo = reinterpret_cast<uintptr_t>(g.data_ptr());
       grad_spans.push_back({g_lo, g_lo + r_bytes});
       // r exactly g (same bytes, same order: checked above) is harmless: each element is
-      // read before it is written.
-      if (r_lo != g_lo) ref_spans.push_back({r_lo, r_lo + r_bytes});
+      // read before it is written. A flat reference is one span, added below.
+      if (r_lo != g_lo && !flat_form) ref_spans.push_back({r_lo, r_lo + r_bytes});
     } else {
       seen.push_back(p.unsafeGetTensorImpl());
     }
@@ -184,6 +184,10 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
   std::sort(seen.begin(), seen.end());
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) return py::none();  // listed twice
   if (!device) return py::none();  // no tensor at all: the planner answers
+  if (flat_form && flat.numel()) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(flat_base);
+    ref_spans.push_back({lo, lo + static_cast<uintptr_t>(flat.nbytes())});
+  }
   if (any_shared_memory(grad_spans, ref_spans)) return py::none();  // the planner raises
   table.end_pairs();
   for (const RefOnly& e : ref_only) table.add(nullptr, e.r, e.numel, dtype_code(e.dtype));
