@@ -90,11 +90,17 @@ def _overlaps(t: torch.Tensor) -> bool:
         return False
     if t.numel() > _OVERLAP_ENUMERATION_LIMIT:
         return True  # cannot prove otherwise at a reasonable cost
-    offsets = torch.zeros((), dtype=torch.int64, device="cpu")  # whatever the default device
-    for stride, size in dims:
+    offsets = _element_offsets(t)
+    return torch.unique(offsets).numel() != offsets.numel()
+
+
+def _element_offsets(t: torch.Tensor, base: int = 0) -> torch.Tensor:
+    """The memory offset (in elements, from `base`) of every element of t, as a CPU tensor."""
+    offsets = torch.full((), base, dtype=torch.int64, device="cpu")  # whatever the default device
+    for size, stride in zip(t.shape, t.stride()):
         step = torch.arange(size, dtype=torch.int64, device="cpu") * stride
         offsets = (offsets.unsqueeze(-1) + step).reshape(-1)
-    return torch.unique(offsets).numel() != offsets.numel()
+    return offsets
 
 
 def _local_shard(t: torch.Tensor, what: str, sharded: bool) -> torch.Tensor:
@@ -151,14 +157,7 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     if (b.element_size() != size or delta % size
             or a.numel() + b.numel() > _OVERLAP_ENUMERATION_LIMIT):
         return True  # cannot prove otherwise at a reasonable cost
-
-    def offsets(t, base):
-        out = torch.full((), base, dtype=torch.int64, device="cpu")
-        for n, st in zip(t.shape, t.stride()):
-            out = (out.unsqueeze(-1) + torch.arange(n, dtype=torch.int64, device="cpu") * st).reshape(-1)
-        return out
-
-    return bool(torch.isin(offsets(a, 0), offsets(b, delta // size)).any())
+    return bool(torch.isin(_element_offsets(a), _element_offsets(b, delta // size)).any())
 
 
 def _same_view(g: torch.Tensor, r: torch.Tensor) -> bool:
