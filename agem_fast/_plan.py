@@ -90,14 +90,14 @@ def _overlaps(t: torch.Tensor) -> bool:
         return False
     if t.numel() > _OVERLAP_ENUMERATION_LIMIT:
         return True  # cannot prove otherwise at a reasonable cost
-    offsets = _element_offsets(t)
+    offsets = _offsets(dims)
     return torch.unique(offsets).numel() != offsets.numel()
 
 
-def _element_offsets(t: torch.Tensor, base: int = 0) -> torch.Tensor:
-    """The memory offset (in elements, from `base`) of every element of t, as a CPU tensor."""
-    offsets = torch.full((), base, dtype=torch.int64, device="cpu")  # whatever the default device
-    for size, stride in zip(t.shape, t.stride()):
+def _offsets(dims) -> torch.Tensor:
+    """Every offset sum(i_d * stride_d) over dims [(stride, size), ...], as a CPU tensor."""
+    offsets = torch.zeros(1, dtype=torch.int64, device="cpu")  # whatever the default device
+    for stride, size in dims:
         step = torch.arange(size, dtype=torch.int64, device="cpu") * stride
         offsets = (offsets.unsqueeze(-1) + step).reshape(-1)
     return offsets
@@ -142,36 +142,20 @@ def _span(t: torch.Tensor):
     return lo, lo + extent * t.element_size()
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    lo, hi = _span(t)
-    return hi - lo == t.numel() * t.element_size()
-
-
-def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b, whose spans overlap, have some memory in common. Exact for dense
-    tensors and for small strided views of one element size; otherwise assumes they do."""
-    if _is_dense(a) and _is_dense(b):
-        return True  # two dense ranges that overlap share bytes
-    size = a.element_size()
-    delta = b.data_ptr() - a.data_ptr()
-    if (b.element_size() != size or delta % size
-            or a.numel() + b.numel() > _OVERLAP_ENUMERATION_LIMIT):
-        return True  # cannot prove otherwise at a reasonable cost
-    return bool(torch.isin(_element_offsets(a), _element_offsets(b, delta // size)).any())
-
-
 def _same_view(g: torch.Tensor, r: torch.Tensor) -> bool:
     """r is g's own memory, element for element (a pair aliased with itself is harmless:
     each element is read before it is written)."""
     if g.data_ptr() != r.data_ptr() or g.dtype != r.dtype or g.numel() != r.numel():
         return False
-    return (g.is_contiguous() and r.is_contiguous()) or (
-        g.shape == r.shape and g.stride() == r.stride())
+    if g.is_contiguous() and r.is_contiguous():
+        return True
+    return g.shape == r.shape and all(
+        n == 1 or a == b for n, a, b in zip(g.shape, g.stride(), r.stride()))
 
 
 def _spans_overlap(grad_spans, ref_spans) -> bool:
-    """Cheap filter for _check_no_shared_memory: whether the byte range of a gradient
-    meets that of another gradient or of a reference. Spans are (lo, hi) bytes."""
+    """Cheap filter for _check_no_shared_memory: whether the byte range of a written
+    gradient meets that of another one or of a protected tensor. Spans are (lo, hi)."""
     grad_spans.sort()
     for k in range(1, len(grad_spans)):
         if grad_spans[k][0] < grad_spans[k - 1][1]:
@@ -187,50 +171,69 @@ def _spans_overlap(grad_spans, ref_spans) -> bool:
     return False
 
 
-def _check_no_shared_memory(grads, grad_index, refs, ref_index) -> None:
-    """Refuse gradients that share memory with another gradient or with another
-    parameter's reference: pass 2 updates them in place one after another, so the result
-    would depend on the order of the writes."""
-    events = []  # (lo, hi, is_grad, parameter index, tensor)
-    for g, i in zip(grads, grad_index):
-        span = _span(g)
-        if span is not None:
-            events.append((span[0], span[1], True, i, g))
-    for r, i in zip(refs, ref_index):
-        span = _span(r)
-        if span is not None:
-            events.append((span[0], span[1], False, i, r))
-    if len(events) < 2:
-        return
-    events.sort(key=lambda e: e[0])
-    active_grads: list = []  # entries whose span may still overlap what comes next
-    active_refs: list = []
-    for ev in events:
-        lo, _, is_grad, i, t = ev
-        active_grads = [e for e in active_grads if e[1] > lo]
-        others = active_grads
-        if is_grad:
-            active_refs = [e for e in active_refs if e[1] > lo]
-            others = active_grads + active_refs
-        for _, _, other_is_grad, j, u in others:
-            if not is_grad and j == i and _same_view(u, t):
-                continue
-            if is_grad and not other_is_grad and j == i and _same_view(t, u):
-                continue
-            if not _share_elements(t, u):
-                continue
-            if is_grad and other_is_grad:
-                a, b = sorted((i, j))
-                raise ValueError(
-                    f"params[{a}].grad and params[{b}].grad share memory; each gradient is "
-                    "updated in place, so no two may overlap"
-                )
-            gi, rj = (i, j) if is_grad else (j, i)
+# Most contiguous pieces _check_no_shared_memory enumerates before giving up.
+_RUN_ENUMERATION_LIMIT = 1 << 24
+
+
+def _runs(t: torch.Tensor):
+    """t's elements as runs of contiguous memory: (start byte of each run, run bytes)."""
+    dims = sorted(((st, n) for n, st in zip(t.shape, t.stride()) if n > 1 and st > 0), reverse=True)
+    run = 1  # elements; the innermost dimensions merge while they are contiguous
+    while dims and dims[-1][0] == run:
+        run *= dims.pop()[1]
+    size = t.element_size()
+    return t.data_ptr() + _offsets(dims) * size, run * size
+
+
+def _check_no_shared_memory(written, protected) -> None:
+    """Refuse a written gradient that shares memory with another one, or with a tensor
+    that must not change while pass 2 runs: another parameter's reference (read by pass 2)
+    or a gradient that has no reference. The in-place updates would otherwise depend on
+    their order. `written`: (gradient, parameter index); `protected`: (tensor, its name).
+    Every tensor is cut into its contiguous runs, and the runs are checked all at once."""
+    entries = [(g, True, f"params[{i}].grad") for g, i in written] + [
+        (t, False, name) for t, name in protected]
+    starts, ends, is_written, owner = [], [], [], []
+    total = 0
+    for k, (t, w, _) in enumerate(entries):
+        if t.numel() == 0:
+            continue
+        s, length = _runs(t)
+        total += s.numel()
+        if total > _RUN_ENUMERATION_LIMIT:
             raise ValueError(
-                f"ref_grad[{rj}] shares memory with params[{gi}].grad, which is updated in "
-                "place; pass a copy of the reference (e.g. .clone())"
-            )
-        (active_grads if is_grad else active_refs).append(ev)
+                f"{entries[k][2]} may share memory with another gradient or reference: their "
+                "strides are too irregular to check at a reasonable cost; pass copies")
+        starts.append(s)
+        ends.append(s + length)
+        is_written.append(torch.full(s.shape, w))
+        owner.append(torch.full(s.shape, k))
+    if not starts:
+        return
+    start, order = torch.sort(torch.cat(starts), stable=True)
+    end, w, own = torch.cat(ends)[order], torch.cat(is_written)[order], torch.cat(owner)[order]
+    none = torch.tensor([-1])  # below every address
+
+    def prior_max(x):  # the largest of x over the runs sorted before each run
+        return torch.cat([none, torch.cummax(x, 0).values[:-1]])
+
+    # A run of a written gradient never meets an earlier run of its own (it would overlap
+    # itself, refused before), so any earlier written run ending past its start is another's.
+    after_written = start < prior_max(torch.where(w, end, -1))
+    after_protected = w & (start < prior_max(torch.where(w, -1, end)))
+    clash = torch.nonzero(after_written | after_protected)
+    if clash.numel() == 0:
+        return
+    k = int(clash[0])
+    mask = (end[:k] > start[k]) & (w[:k] | w[k]) & (own[:k] != own[k])
+    j = int(torch.nonzero(mask)[-1])
+    a, b = sorted((int(own[k]), int(own[j])))  # written ones come first in `entries`
+    name_a, name_b = entries[a][2], entries[b][2]
+    if entries[b][1] or name_b.endswith(".grad"):
+        raise ValueError(f"{name_a} and {name_b} share memory; a gradient is updated in place, "
+                         "so it may not overlap another gradient")
+    raise ValueError(f"{name_b} shares memory with {name_a}, which is updated in place; pass a "
+                     "copy of the reference (e.g. .clone())")
 
 
 def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan:
@@ -275,8 +278,10 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
     compiling = torch.compiler.is_compiling()  # dynamo cannot trace is_inference()
     device: Optional[torch.device] = None
     plan_grads, plan_refs, ref_only, irregular = [], [], [], []
-    grad_index, ref_only_index = [], []  # the parameter index of each entry (for errors)
-    grad_spans, ref_spans = [], []  # (lo, hi) bytes, for the memory-sharing check
+    grad_index = []  # the parameter index of each pair (for errors)
+    # For the memory-sharing check: byte ranges (lo, hi) of the gradients written and of
+    # what must not change meanwhile (references read by pass 2, gradients left alone).
+    grad_spans, ref_spans, kept = [], [], []
     flat_form = isinstance(ref_grad, torch.Tensor)
     for i, (p, r) in enumerate(zip(params, refs)):
         g = p.grad
@@ -292,6 +297,11 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
             elif g_device != device:
                 raise ValueError(f"params[{i}].grad is on {g_device}, other gradients are on {device}")
         if r is None:
+            if g is not None and not compiling:  # left alone: no written gradient may overlap it
+                kept.append((g, f"params[{i}].grad"))
+                g_span = _span(g)
+                if g_span is not None:
+                    ref_spans.append(g_span)
             continue
         if type(r) is not torch.Tensor:
             if not isinstance(r, torch.Tensor):
@@ -315,7 +325,6 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
                     f"ref_grad[{i}] has {r.numel()} elements but params[{i}] has {_local_numel(p)}"
                 )
             ref_only.append(r)
-            ref_only_index.append(i)
             continue
         if not compiling and g.is_inference() and not torch.is_inference_mode_enabled():
             raise ValueError(
@@ -338,26 +347,30 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
             irregular.append(len(plan_grads))
             if r.shape != g_shape:
                 r = r.reshape(g_shape)  # a view whenever the layout allows, else a copy
-        plan_grads.append(g)
-        plan_refs.append(r)
-        grad_index.append(i)
         if not compiling:  # the byte ranges written and read, for the check below
             g_span = (g.data_ptr(), g.data_ptr() + g.nbytes) if contiguous else _span(g)
             if g_span is not None and g_span[0] < g_span[1]:
                 grad_spans.append(g_span)
-                # a reference that is its own gradient is harmless; a flat one is one range
-                if not (flat_form or (g_span[0] == r.data_ptr() and _same_view(g, r))):
+                if g_span[0] == r.data_ptr() and _same_view(g, r):
+                    # a reference that is its own gradient is harmless: each element is
+                    # read before it is written (as g itself, so torch sees full overlap)
+                    r = g
+                elif not flat_form:  # (a flat reference is one range, added below)
                     ref_spans.append((r.data_ptr(), r.data_ptr() + r.nbytes) if contiguous else _span(r))
+        plan_grads.append(g)
+        plan_refs.append(r)
+        grad_index.append(i)
 
     if device is None:
         device = params[0].device if params else torch.device("cpu")
     if not compiling and device.type != "meta":  # fake and meta tensors have no memory
         if flat_form:
             ref_spans.append(_span(ref_grad))
-        else:
-            ref_spans += [_span(r) for r in ref_only]
+        # (reference-only entries are read in pass 1 only, before any write: never a hazard)
         if _spans_overlap(grad_spans, [s for s in ref_spans if s is not None]):
-            _check_no_shared_memory(plan_grads, grad_index, plan_refs + ref_only,
-                                    grad_index + ref_only_index)
+            _check_no_shared_memory(
+                list(zip(plan_grads, grad_index)),
+                [(r, f"ref_grad[{i}]") for g, r, i in zip(plan_grads, plan_refs, grad_index)
+                 if r is not g] + kept)
     return Plan(device=device, eps=eps, grads=plan_grads, refs=plan_refs, ref_only=ref_only,
                 irregular=irregular)

@@ -58,8 +58,9 @@ struct Span {
   uintptr_t lo, hi;
 };
 
-// Whether a gradient shares memory with another gradient, or with a reference that is
-// not exactly its own gradient: pass 2 would then depend on the order of its writes.
+// Whether a written gradient shares memory with another one, or with what must not change
+// while pass 2 runs (a reference that is not exactly its own gradient, a gradient that has
+// no reference): the result would then depend on the order of the writes.
 // All spans are of dense tensors, so overlapping spans do share elements (the planner
 // raises with the indices).
 bool any_shared_memory(std::vector<Span>& grads, const std::vector<Span>& refs) {
@@ -159,8 +160,7 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
     const uintptr_t r_bytes = static_cast<uintptr_t>(r_numel) * c10::elementSize(r_dtype);
     if (!g.defined()) {  // reference-only: counts in ||r||^2
       if (r_numel != p.numel()) return py::none();
-      ref_only.push_back({r, r_numel, r_dtype});
-      if (r_bytes && !flat_form) ref_spans.push_back({r_lo, r_lo + r_bytes});
+      ref_only.push_back({r, r_numel, r_dtype});  // read in pass 1 only: never a hazard
       seen.push_back(p.unsafeGetTensorImpl());
       continue;
     }

@@ -472,23 +472,50 @@ def test_nan_inf(kind, dtype, backend, device):
 
 
 def test_memory_sharing_that_is_harmless_is_accepted(backend, device):
-    """A reference that is its own gradient, gradients interleaved in one buffer, and
-    references shared between parameters: legal, and right."""
+    """A reference that is its own gradient (also seen through odd strides of size-1
+    dimensions), gradients interleaved in one buffer or cut from it in column blocks,
+    references shared between parameters, a reference-only entry overlapping a gradient
+    (read before any write): legal, and right."""
     gen = torch.Generator().manual_seed(37)
-    buf = rand_values(gen, (20,)).to(device=device, dtype=torch.float32)
-    shared_ref = rand_values(gen, (5,)).to(device=device, dtype=torch.float32)
-    params = [torch.empty(s, device=device) for s in [(10,), (10,), (6,), (5,), (5,)]]
+
+    def vals(*shape):
+        return rand_values(gen, shape).to(device=device, dtype=torch.float32)
+
+    buf, cols, shared_ref = vals(20), vals(6, 12), vals(5)
+    shapes = [(10,), (10,), (6,), (5,), (5,), (6, 4), (6, 4), (6, 4), (3, 1, 2), (7,)]
+    params = [torch.empty(s, device=device) for s in shapes]
     params[0].grad, params[1].grad = buf[0::2], buf[1::2]  # disjoint, interleaved
-    params[2].grad = rand_values(gen, (6,)).to(device=device, dtype=torch.float32)
-    params[3].grad = -2 * shared_ref + 0.1 * rand_values(gen, (5,)).to(device=device, dtype=torch.float32)
+    params[2].grad = vals(6)
+    params[3].grad = -2 * shared_ref + 0.1 * vals(5)
     params[4].grad = -3 * shared_ref
-    refs = [-buf[0::2].clone(), rand_values(gen, (10,)).to(device=device, dtype=torch.float32),
-            params[2].grad, shared_ref, shared_ref]  # refs[2] IS params[2].grad
-    before = [p.grad.clone() for p in params]
+    for k in range(3):  # column blocks of one buffer
+        params[5 + k].grad = cols[:, 4 * k : 4 * k + 4]
+    params[8].grad = vals(2, 3).t().unsqueeze(1)  # shape (3, 1, 2)
+    g8 = params[8].grad
+    refs = [-buf[0::2].clone(), vals(10), params[2].grad, shared_ref, shared_ref,
+            -cols[:, 0:4].clone(), vals(6, 4), vals(6, 4),
+            g8.as_strided(g8.shape, (1, 7, 3)),  # exactly g8, another stride for the size-1 dim
+            buf[3:10]]  # reference-only (params[9] has no gradient), inside params[0..1].grad
+    before = [None if p.grad is None else p.grad.clone() for p in params]
     orc = oracle(before, [r.clone() for r in refs])
     assert orc.projected
     res = agem_fast.project_(params, refs)
     check_call(res, orc, [p.grad for p in params], before, device)
+
+
+def test_large_gapped_views_of_one_buffer_are_accepted(backend):
+    """Three 1500 x 1500 column blocks of one buffer (a fused q/k/v weight's gradient):
+    disjoint, though too many elements to compare one by one."""
+    gen = torch.Generator().manual_seed(41)
+    buf = torch.randn(1500, 4500, generator=gen)
+    params = [torch.empty(1500, 1500) for _ in range(3)]
+    for k, p in enumerate(params):
+        p.grad = buf[:, 1500 * k : 1500 * (k + 1)]
+    refs = [-p.grad.clone() + 0.1 * torch.randn(1500, 1500, generator=gen) for p in params]
+    before = [p.grad.clone() for p in params]
+    orc = oracle(before, refs)
+    res = agem_fast.project_(params, refs)
+    check_call(res, orc, [p.grad for p in params], before, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("ref_form", REF_FORMS)

@@ -239,6 +239,20 @@ def case_grads_share_memory(params, refs, device, gen):
     return params, refs, {}, (IDX, r"(?i)share|overlap|alias")
 
 
+def case_grad_without_ref_shares_memory(params, refs, device, gen):
+    # entry 2 has no reference, so its gradient must stay as it is; but it overlaps
+    # entry 1's gradient, which is updated in place
+    buf = _vals(gen, (TOTAL,)).to(device=device, dtype=torch.float32)
+    p = torch.empty(SHAPES[1], device=device)
+    p.grad = buf[: p.numel()].view(SHAPES[1])
+    params[1] = p
+    q = torch.empty(SHAPES[BAD], device=device)
+    q.grad = buf[p.numel() - 5 : p.numel() - 5 + q.numel()]
+    params[BAD] = q
+    refs[BAD] = None
+    return params, refs, {}, (IDX, r"(?i)share|overlap|alias")
+
+
 def case_flat_ref_holds_a_grad(params, refs, device, gen):
     flat = torch.cat([r.reshape(-1) for r in refs])
     p = torch.empty(SHAPES[BAD], device=device)
