@@ -228,27 +228,27 @@ def case_ref_is_another_grad(params, refs, device, gen):
     return params, refs, {}, (IDX, r"(?i)share|overlap|alias")
 
 
-def case_grads_share_memory(params, refs, device, gen):
+def _overlapping_grads(params, device, gen, shared):
+    """Entries 1 and 2 get gradients cut from one buffer, entry 2's first `shared`
+    elements being entry 1's last."""
     buf = _vals(gen, (TOTAL,)).to(device=device, dtype=torch.float32)
     p = torch.empty(SHAPES[1], device=device)
     p.grad = buf[: p.numel()].view(SHAPES[1])
     params[1] = p
     q = torch.empty(SHAPES[BAD], device=device)
-    q.grad = buf[p.numel() - 3 : p.numel() - 3 + q.numel()]  # its first 3 elements are p's last
+    q.grad = buf[p.numel() - shared : p.numel() - shared + q.numel()]
     params[BAD] = q
+
+
+def case_grads_share_memory(params, refs, device, gen):
+    _overlapping_grads(params, device, gen, shared=3)
     return params, refs, {}, (IDX, r"(?i)share|overlap|alias")
 
 
 def case_grad_without_ref_shares_memory(params, refs, device, gen):
     # entry 2 has no reference, so its gradient must stay as it is; but it overlaps
     # entry 1's gradient, which is updated in place
-    buf = _vals(gen, (TOTAL,)).to(device=device, dtype=torch.float32)
-    p = torch.empty(SHAPES[1], device=device)
-    p.grad = buf[: p.numel()].view(SHAPES[1])
-    params[1] = p
-    q = torch.empty(SHAPES[BAD], device=device)
-    q.grad = buf[p.numel() - 5 : p.numel() - 5 + q.numel()]
-    params[BAD] = q
+    _overlapping_grads(params, device, gen, shared=5)
     refs[BAD] = None
     return params, refs, {}, (IDX, r"(?i)share|overlap|alias")
 
