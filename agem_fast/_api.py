@@ -8,8 +8,9 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from . import _torch_backend
+from . import _extension, _torch_backend
 from ._plan import check_eps, make_plan, param_list
+from ._reference import ReferenceGradient
 
 
 class Projection(NamedTuple):
@@ -41,8 +42,6 @@ def backend_for(device: torch.device) -> str:
 # graph can trace) and bakes the answer into the graph.
 @torch.compiler.assume_constant_result
 def _backend_for_type(device_type: str) -> str:
-    from . import _extension
-
     forced = _forced_backend()
     if forced == "torch":
         return "torch"
@@ -71,10 +70,7 @@ def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, grou
     params = param_list(params)
     if group is None and not torch.compiler.is_compiling() and _forced_backend() != "torch":
         # Plain valid calls are planned and run in C++ (microseconds per parameter less).
-        from . import _extension
-        from ._reference import ReferenceGradient
-
-        refs = ref_grad.as_list() if isinstance(ref_grad, ReferenceGradient) else ref_grad
+        refs = ref_grad._refs if isinstance(ref_grad, ReferenceGradient) else ref_grad
         result = _extension.project_plain(params, list(refs) if type(refs) is tuple else refs, eps)
         if result is not None:
             return Projection(*result)
@@ -101,7 +97,7 @@ def _run_plan(plan, group) -> Projection:
     if backend_for(plan.device) == "torch":
         backend = _torch_backend
     else:
-        from . import _extension as backend
+        backend = _extension
     if group is None:
         return backend.project(plan)
     # Each rank holds a shard: sum the partial (dot, rr) over the group (one small

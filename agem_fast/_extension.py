@@ -179,7 +179,9 @@ def _prepare(plan: Plan):
 def project_plain(params: list, refs, eps: float):
     """The C++ fast path (csrc/agem_python.cpp) for plain, valid calls: the 4-tuple of
     a Projection, or None, with nothing written, when the call needs the planner."""
-    fast = getattr(load(), "project_plain", None)  # None: no extension (or an old build)
+    # The caller has read AGEM_FAST_BACKEND already (each read of the environment costs
+    # about a microsecond, the whole Python side of a call a few).
+    fast = getattr(load(honour_backend_env=False), "project_plain", None)  # None: no extension
     return None if fast is None else fast(params, refs, eps)
 
 

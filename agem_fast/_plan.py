@@ -35,6 +35,8 @@ class Plan:
 
 
 def check_eps(eps) -> float:
+    if type(eps) is float and 0.0 <= eps < math.inf:  # the usual case, first (NaN fails)
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     eps = float(eps)

@@ -36,7 +36,8 @@ class ReferenceGradient:
                 raise TypeError(f"params[{i}] has unsupported dtype {p.dtype}")
         self._shapes = [tuple(p.shape) for p in params]
         self._slots: List[torch.Tensor] = []
-        self._present: List[bool] = [False] * len(params)
+        # What as_list() returns, kept up to date by capture_: project_ reads it at every call.
+        self._refs: List[Optional[torch.Tensor]] = [None] * len(params)
         self._buffer: Optional[torch.Tensor] = None
 
         kinds = {(p.dtype, p.device) for p in params if _can_have_grad(p)}
@@ -65,11 +66,11 @@ class ReferenceGradient:
     @property
     def present(self) -> List[bool]:
         """Which slots hold a captured gradient (a copy of the host-side mask)."""
-        return list(self._present)
+        return [r is not None for r in self._refs]
 
     def as_list(self) -> List[Optional[torch.Tensor]]:
         """Per-parameter reference tensors, None where the captured grad was None."""
-        return [s if ok else None for s, ok in zip(self._slots, self._present)]
+        return list(self._refs)
 
     @property
     def flat(self) -> Optional[torch.Tensor]:
@@ -106,7 +107,7 @@ class ReferenceGradient:
                 slot.copy_(g)
             else:
                 slot.zero_()  # so `flat` stays Avalanche's layout (zeros for a None grad)
-            self._present[i] = g is not None
+            self._refs[i] = slot if g is not None else None
         return self
 
 

@@ -146,6 +146,9 @@ def test_none_grads_become_absent_and_are_ignored(backend, device):
     refs = rg.as_list()
     assert refs[1] is None and refs[3] is None
     assert all(refs[i] is not None for i in (0, 2, 4, 5))
+    refs[0] = None  # as_list() hands out a copy: changing it changes nothing
+    assert rg.as_list()[0] is not None and rg.present[0]
+    refs = rg.as_list()
 
     # current gradients: every param has one, strongly opposed to the reference
     grads = []

@@ -338,6 +338,10 @@ def case_eps_nan(params, refs, device, gen):
     return params, refs, {"eps": float("nan")}, r"(?i)eps"
 
 
+def case_eps_inf(params, refs, device, gen):
+    return params, refs, {"eps": float("inf")}, r"(?i)eps"
+
+
 def case_eps_string(params, refs, device, gen):
     return params, refs, {"eps": "0.1"}, r"(?i)eps"
 
