@@ -68,29 +68,51 @@ def _profile(name, call, restore, flush, calls):
     host, idle = _timed(call, restore, flush, calls)
     # Busy for 3x the host time plus 1 ms: the whole call is queued before the GPU gets to it.
     _, busy = _timed(call, restore, flush, calls, busy_cycles=_sleep_cycles(3 * host + 1e-3))
-    device, host_side = {}, {}
+    device, host_side = {}, {}  # name -> per-session sums (seconds) and counts
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     profiled = min(calls, 5)  # a profiler session per call: slow to start
-    for _ in range(profiled):
+    for k in range(profiled + 1):
         restore()
         flush()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=activities) as prof:  # the call alone
-            call()
+            with torch.profiler.record_function("call"):
+                call()
             torch.cuda.synchronize()
+        if k == 0:
+            continue  # the first session also pays the profiler's start-up
+        dev, hst = {}, {}
         for evt in prof.events():
             if evt.device_type == torch.autograd.DeviceType.CUDA:
-                device.setdefault(evt.name, []).append(evt.device_time_total * 1e-6)
+                _add(dev, evt.name, evt.device_time_total)
+            elif evt.name == "call":
+                _add(hst, "the whole call", evt.cpu_time_total)
+                # Python, C++ planning: whatever no op or CUDA runtime call below it accounts for
+                _add(hst, "the call's own code (no profiled child)", evt.self_cpu_time_total)
             elif evt.name.startswith(("cuda", "aten::")) and "ynchronize" not in evt.name:
-                host_side.setdefault(evt.name, []).append(evt.cpu_time_total * 1e-6)
+                _add(hst, evt.name, evt.cpu_time_total)
+        for mine, per_session in ((dev, device), (hst, host_side)):
+            for key, (us, n) in mine.items():
+                per_session.setdefault(key, []).append((us * 1e-6, n))
     print(f"  {name:9s} host {host * 1e6:7.1f} us   call {idle * 1e6:7.1f} us   busy {busy * 1e6:7.1f} us"
           f"   (GPU waited for the host: {(idle - busy) * 1e6:6.1f} us)")
-    for kname, times in sorted(device.items(), key=lambda kv: -sum(kv[1])):
-        print(f"      {statistics.median(times) * 1e6:8.1f} us x{len(times) / profiled:<4.1f} {kname[:100]}")
+    print("    device, per call (median of the profiled calls):")
+    _print_top(device, limit=None)
     print("    host side, per call (under the profiler; nested calls count in their callers too):")
-    per_call = {k: sum(v) / profiled for k, v in host_side.items()}
-    for hname, t in sorted(per_call.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"      {t * 1e6:8.1f} us x{len(host_side[hname]) / profiled:<4.1f} {hname[:100]}")
+    _print_top(host_side, limit=12)
+
+
+def _add(sums: dict, name: str, us: float) -> None:
+    total, count = sums.get(name, (0.0, 0))
+    sums[name] = (total + us, count + 1)
+
+
+def _print_top(per_session: dict, limit) -> None:
+    """Each name's median over the sessions of its summed time, with its count per call."""
+    rows = [(statistics.median(t for t, _ in v), statistics.median(n for _, n in v), name)
+            for name, v in per_session.items()]
+    for t, n, name in sorted(rows, reverse=True)[:limit]:
+        print(f"      {t * 1e6:8.1f} us x{n:<4g} {name[:100]}")
 
 
 def main(argv=None) -> int:

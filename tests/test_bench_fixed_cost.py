@@ -47,5 +47,14 @@ def test_fixed_costs_per_impl_and_case_from_the_chosen_workloads():
         assert v["n"] == 3
         assert v["F"] == pytest.approx(f, rel=1e-3)
         assert v["B"] == pytest.approx(b, rel=1e-3)
+        assert v["max_residual"] < 1e-9
     text = fixed_cost.table({"device_name": "X", "rows": rows})
-    assert "| fp32 | proj | extension | 80.0 | 4000 |" in text
+    assert "| fp32 | proj | extension | 80.0 | 4000 | 0.0 |" in text
+
+
+def test_residual_shows_a_point_off_the_line():
+    sizes = {"resnet18": 11_689_512, "vit_b_16": 86_567_656, "gpt2": 124_439_808, "llama_1b": 1_100_048_384}
+    rows = [_row(w, n, "floor", 35e-6 + n * 20 / 4e12 + (30e-6 if w == "vit_b_16" else 0.0))
+            for w, n in sizes.items()]
+    v = fixed_cost.fixed_costs({"rows": rows}, workloads=tuple(sizes))[("fp32", True, "floor")]
+    assert v["n"] == 4 and v["max_residual"] > 10e-6
