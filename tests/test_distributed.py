@@ -1,7 +1,6 @@
 """Two gloo processes on CPU: replicated (DDP) and sharded (manual split, DTensor) grads."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,12 +14,6 @@ WORLD = 2
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full_problem(seed=7):
     """The same parameters, grads and refs on every rank (seeded); projecting."""
     gen = torch.Generator().manual_seed(seed)
@@ -30,21 +23,24 @@ def _full_problem(seed=7):
     return grads, refs
 
 
-def _worker(rank, port, case, backend, errors):
+def _worker(rank, store_file, case, backend, errors):
     os.environ["AGEM_FAST_BACKEND"] = backend
-    if case == "plugin_ddp":
-        # Avalanche builds a default logger at import and refuses to on a non-main rank
-        # once torch.distributed is initialised: import it first, as Avalanche scripts do.
-        import agem_fast.plugin  # noqa: F401
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                           world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S))
     try:
-        {"ddp": _ddp, "split": _split, "dtensor": _dtensor, "plugin_ddp": _plugin_ddp}[case](rank)
-    except BaseException as exc:  # reported by the parent
+        if case == "plugin_ddp":
+            # Avalanche builds a default logger at import and refuses to on a non-main rank
+            # once torch.distributed is initialised: import it first, as Avalanche scripts do.
+            import agem_fast.plugin  # noqa: F401
+        # A file store, not a TCP port: no port another process could take meanwhile.
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
+                                world_size=WORLD,
+                                timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S))
+        try:
+            {"ddp": _ddp, "split": _split, "dtensor": _dtensor, "plugin_ddp": _plugin_ddp}[case](rank)
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # reported by the parent, set-up failures included
         errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _ddp(rank):
@@ -149,13 +145,14 @@ def _plugin_ddp(rank):
 
 
 @pytest.mark.parametrize("case", ["ddp", "split", "dtensor", "plugin_ddp"])
-def test_two_gloo_processes(case, backend):
+def test_two_gloo_processes(case, backend, tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, case, backend, errors)) for rank in range(WORLD)]
+    store_file = tmp_path / "store"
+    procs = [ctx.Process(target=_worker, args=(rank, store_file, case, backend, errors))
+             for rank in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
