@@ -104,12 +104,14 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
   // gradients sharing memory (any_shared_memory below); the others are kept here and
   // compared by address (a sorted vector: no allocation per tensor, unlike a hash set).
   std::vector<const c10::TensorImpl*> seen;
-  std::vector<at::Tensor> grads;  // updated in place: their version counters are bumped
+  std::vector<c10::TensorImpl*> grads;  // updated in place: their version counters are bumped
   grads.reserve(n);
-  // Owned references to every list entry read: the kernels run without the GIL, when
-  // another thread could drop the caller's last reference to one of them.
-  std::vector<at::Tensor> held_refs;
-  if (!flat_form) held_refs.reserve(n);
+  // The memory of every tensor read or written, owned: the kernels run without the GIL,
+  // when another thread could drop the caller's last reference to one of them. Storages,
+  // not tensors: copying a tensor that has a Python object goes through that object (and
+  // the GIL), about 200 instructions a tensor; a storage is one atomic increment.
+  std::vector<c10::Storage> held;
+  held.reserve(flat_form ? n : 2 * n);
   struct RefOnly { const void* r; int64_t numel; at::ScalarType dtype; };
   std::vector<RefOnly> ref_only;
   Table table;
@@ -142,7 +144,7 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       if (!THPVariable_Check(r_obj)) return py::none();
       const at::Tensor& rt = THPVariable_Unpack(r_obj);
       if (!plain(rt) || !same_device(device, rt)) return py::none();
-      held_refs.push_back(rt);
+      held.push_back(rt.storage());
       r = rt.const_data_ptr();  // read only: no copy-on-write materialisation
       r_numel = rt.numel();
       r_dtype = rt.scalar_type();
@@ -169,7 +171,8 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
       return py::none();  // an inference grad outside inference mode: the planner raises
     }
     table.add(g.data_ptr(), r, r_numel, dtype_code(r_dtype));
-    grads.push_back(g);
+    grads.push_back(g.unsafeGetTensorImpl());
+    held.push_back(g.storage());
     if (r_bytes) {
       const uintptr_t g_lo = reinterpret_cast<uintptr_t>(g.data_ptr());
       grad_spans.push_back({g_lo, g_lo + r_bytes});
@@ -192,6 +195,11 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
   table.end_pairs();
   for (const RefOnly& e : ref_only) table.add(nullptr, e.r, e.numel, dtype_code(e.dtype));
 
+  // What an in-place op does: autograd can then tell a saved gradient was modified. Done
+  // here, while the GIL keeps every gradient's tensor alive.
+  for (c10::TensorImpl* g : grads) {
+    if (!g->is_inference()) g->bump_version();
+  }
   ProjectResult result;
   {
     py::gil_scoped_release no_gil;  // every tensor passed plain(): the device has kernels
@@ -201,10 +209,6 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
 #else
     result = project_table_cpu(table, eps);
 #endif
-  }
-  // What an in-place op does: autograd can then tell a saved gradient was modified.
-  for (const at::Tensor& g : grads) {
-    if (!g.is_inference()) g.unsafeGetTensorImpl()->bump_version();
   }
   auto& [dot, rr, coef, projected] = result;
   return py::make_tuple(dot, rr, coef, projected);

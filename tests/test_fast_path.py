@@ -188,3 +188,52 @@ def test_project_uses_the_fast_path(device, fast, monkeypatch):
     params[2].grad = params[2].grad.t().contiguous().t()  # column-major: the planner stages it
     with pytest.raises(AssertionError, match="planner ran"):
         agem_fast.project_(params, refs)
+
+
+_DROP_MID_CALL = r"""
+import threading, time, torch
+from agem_fast import _extension
+
+torch.set_num_threads(1)  # the kernels on one core, the dropping thread on the other
+fast = _extension.load().project_plain  # loaded first: loading lets the thread run early
+n = 1 << 26  # 256 MiB a tensor: each is its own mmap, unmapped the moment it is freed
+for attempt in range(3):
+    p = torch.nn.Parameter(torch.empty(n))  # never touched: no pages
+    p.grad = torch.ones(n)
+    refs = [torch.full((n,), -1.0)]
+    dropped = []
+
+    def drop():
+        time.sleep(0.01)
+        p.grad = None  # the caller's last references to the gradient and the reference
+        refs.clear()
+        dropped.append(time.perf_counter())
+
+    thread = threading.Thread(target=drop)
+    thread.start()
+    res = fast([p], refs, 0.0)
+    end = time.perf_counter()
+    thread.join()
+    assert res is not None, "declined"
+    assert float(res[0]) == -n and float(res[1]) == n and bool(res[3]), res  # read valid memory
+    if dropped[0] < end:
+        print("dropped mid-call")
+        break
+else:
+    print("never dropped mid-call: the call held the GIL all along?")
+"""
+
+
+def test_memory_outlives_references_dropped_mid_call():
+    """The fast path runs its kernels without the GIL, so another thread may drop the
+    caller's last references meanwhile: the extension must hold the memory itself. In a
+    subprocess: a read or write of freed (unmapped) memory kills it."""
+    import subprocess
+    import sys
+
+    if not _extension.supports("cpu"):
+        pytest.skip("agem_fast extension has no CPU kernels")
+    run = subprocess.run([sys.executable, "-c", _DROP_MID_CALL], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert "dropped mid-call" in run.stdout, run.stdout

@@ -10,6 +10,7 @@
 // loops run a second copy compiled for them, chosen at run time (cpu_isa()), which
 // matches torch. The copies round differently (twice the lanes, fused multiply-adds), so
 // bits are reproducible per machine, as DESIGN section 1 asks, not across machines.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -190,14 +191,25 @@ const char* cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
 void force_cpu_baseline(bool baseline) { force_baseline.store(baseline, std::memory_order_relaxed); }
 
+namespace {
+
+// A 0-dim CPU tensor holding v: at::scalar_tensor without its two trips through the
+// dispatcher (empty, then fill_), a fixed cost of every call.
+template <typename T>
+at::Tensor cpu_scalar(T v) {
+  at::Tensor t = at::detail::empty_cpu({}, c10::CppTypeToScalarType<T>::value);
+  *t.mutable_data_ptr<T>() = v;
+  return t;
+}
+
+}  // namespace
+
 ProjectResult project_table_cpu(const Table& table, double eps) {
   const auto [dot, rr] = table_sums(table);
   double coef = 0.0;
   const bool projected = decide(dot, rr, eps, &coef);
   if (projected) table_update(table, coef);
-  auto f64 = at::TensorOptions().dtype(at::kDouble);
-  return {at::scalar_tensor(dot, f64), at::scalar_tensor(rr, f64), at::scalar_tensor(coef, f64),
-          at::scalar_tensor(projected, at::TensorOptions().dtype(at::kBool))};
+  return {cpu_scalar(dot), cpu_scalar(rr), cpu_scalar(coef), cpu_scalar(projected)};
 }
 
 ProjectResult project_cpu(at::TensorList grads, at::TensorList refs, at::TensorList ref_only,
