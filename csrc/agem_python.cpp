@@ -108,8 +108,9 @@ py::object project_plain(const py::list& params, const py::object& refs, double 
   grads.reserve(n);
   // The memory of every tensor read or written, owned: the kernels run without the GIL,
   // when another thread could drop the caller's last reference to one of them. Storages,
-  // not tensors: copying a tensor that has a Python object goes through that object (and
-  // the GIL), about 200 instructions a tensor; a storage is one atomic increment.
+  // not tensors: copying a tensor owned only by its Python object (a list's entry) increfs
+  // that object through the GIL state API, about 200 instructions with the release; a
+  // storage rarely has a Python object, and costs an atomic increment.
   std::vector<c10::Storage> held;
   held.reserve(flat_form ? n : 2 * n);
   struct RefOnly { const void* r; int64_t numel; at::ScalarType dtype; };
