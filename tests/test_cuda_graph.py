@@ -16,10 +16,28 @@ def _batches(n, seed):
     return [(torch.randn(32, 20, generator=gen), torch.randint(0, 5, (32,), generator=gen)) for _ in range(n)]
 
 
-def test_captured_training_step_matches_eager(backend):
+class _Net(torch.nn.Module):
+    """A small MLP plus `extra` logit biases: 4 + extra parameter tensors."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5))
+        self.extra = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(5)) for _ in range(extra))
+
+    def forward(self, x):
+        out = self.body(x)
+        for b in self.extra:
+            out = out + 0.01 * b  # small: the MLP's gradients still decide the projection
+        return out
+
+
+# 4 tensors, and 300: tables small enough to be a kernel parameter and too big for one
+# (the graph then holds the pinned copy of the table).
+@pytest.mark.parametrize("extra", [0, 296])
+def test_captured_training_step_matches_eager(backend, extra):
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5)).to(dev)
+    model = _Net(extra).to(dev)
     eager_model = copy.deepcopy(model)
     loss_fn = torch.nn.CrossEntropyLoss()
     data = _batches(6, 1)
