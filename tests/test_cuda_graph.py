@@ -31,8 +31,9 @@ class _Net(torch.nn.Module):
         return out
 
 
-# 4 tensors, and 300: tables small enough to be a kernel parameter and too big for one
-# (the graph then holds the pinned copy of the table).
+# A small and a large tensor table (4 and 300 tensors): how a table reaches the kernels
+# may depend on its size (as a kernel parameter, or copied from pinned memory, which the
+# graph must then keep).
 @pytest.mark.parametrize("extra", [0, 296])
 def test_captured_training_step_matches_eager(backend, extra):
     dev = torch.device("cuda")
