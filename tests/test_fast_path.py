@@ -12,6 +12,8 @@ nothing written, leaving errors and odd layouts to the Python planner. So:
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -228,9 +230,6 @@ def test_memory_outlives_references_dropped_mid_call():
     """The fast path runs its kernels without the GIL, so another thread may drop the
     caller's last references meanwhile: the extension must hold the memory itself. In a
     subprocess: a read or write of freed (unmapped) memory kills it."""
-    import subprocess
-    import sys
-
     if not _extension.supports("cpu"):
         pytest.skip("agem_fast extension has no CPU kernels")
     run = subprocess.run([sys.executable, "-c", _DROP_MID_CALL], capture_output=True, text=True,
