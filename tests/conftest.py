@@ -1,8 +1,9 @@
 """Fixtures shared by the correctness tests.
 
-backend: "torch" (pure PyTorch fallback) and "extension" (the C++/CUDA kernels),
-    selected through AGEM_FAST_BACKEND. The extension variant skips when the
-    extension is not available, and fails instead when AGEM_FAST_STRICT=1.
+backend: "torch" (pure PyTorch fallback), "torch-packed" (its GPU path, run on CPU
+    tensors) and "extension" (the C++/CUDA kernels), selected through AGEM_FAST_BACKEND.
+    The extension variant skips when the extension is not available, and fails instead
+    when AGEM_FAST_STRICT=1.
 device:  "cpu" always; "cuda" skipped when no GPU is visible.
 """
 
@@ -27,9 +28,20 @@ def device(request):
     return torch.device(request.param)
 
 
-@pytest.fixture(params=["torch", "extension"])
+@pytest.fixture(params=["torch", "torch-packed", "extension"])
 def backend(request, monkeypatch):
     name = request.param
+    if name == "torch-packed":
+        # The torch backend's GPU path (tensors packed into scratch rows, no host sync),
+        # run on CPU tensors so that it meets the same oracle on every CPU run. On a GPU
+        # it is what "torch" runs anyway.
+        if "device" in request.fixturenames and request.getfixturevalue("device").type != "cpu":
+            pytest.skip("off the CPU the torch backend always takes its packed path")
+        from agem_fast import _torch_backend
+
+        monkeypatch.setattr(_torch_backend, "PACKED_ON_CPU", True)
+        monkeypatch.setenv("AGEM_FAST_BACKEND", "torch")
+        return name
     if name == "extension":
         device_type = "cpu"
         if "device" in request.fixturenames:

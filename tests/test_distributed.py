@@ -24,6 +24,11 @@ def _full_problem(seed=7):
 
 
 def _worker(rank, store_file, case, backend, errors):
+    if backend == "torch-packed":
+        from agem_fast import _torch_backend
+
+        _torch_backend.PACKED_ON_CPU = True
+        backend = "torch"
     os.environ["AGEM_FAST_BACKEND"] = backend
     try:
         if case == "plugin_ddp":
