@@ -8,10 +8,11 @@ with a few kernels per tensor, ResNet-18's 62 tensors took 4 ms on an H200, four
 Avalanche's own step. There, tensors under 2^20 elements are packed, in groups of one
 dtype of at most 2^20 elements, into a scratch buffer with multi-tensor copies
 (torch._foreach_copy_), and each group's sums and update are a handful of whole-buffer
-ops however many tensors it holds; larger tensors are taken one by one. The update
-always runs (no host sync decides to skip it) and selects with torch.where, as it also
-does under torch.compile. Temporaries never grow with the total parameter count: at
-most a few times max(largest tensor, 2^20) elements.
+ops however many tensors it holds; larger tensors are taken one by one, and so are
+pairs whose g and r lie in memory in different orders. The update always runs (no host
+sync decides to skip it) and selects with torch.where, as it also does under
+torch.compile. Temporaries never grow with the total parameter count: at most a few
+times max(largest tensor, 2^20) elements.
 """
 
 from __future__ import annotations
@@ -218,11 +219,9 @@ def _packed_path(plan: Plan) -> bool:
 
 class _Group:
     """Small tensors of one dtype, all with a gradient or all reference-only, packed one
-    after the other into a scratch row.
-
-    `grads` and `refs` are the tensors as the copies see them: 1-D views of contiguous
-    ones, else in their own shape (a pair that is not dense in one order has r in g's
-    shape already)."""
+    after the other into a scratch row. `grads` and `refs` are 1-D views of their memory
+    (both in the same element order), so every slot and its tensor have equal sizes and
+    strides: the condition for torch._foreach_copy_'s multi-tensor kernel on a GPU."""
 
     def __init__(self, dtype: torch.dtype, has_grads: bool):
         self.dtype = dtype
@@ -230,37 +229,28 @@ class _Group:
         self.grads: List[torch.Tensor] = []
         self.refs: List[torch.Tensor] = []
         self.numels: List[int] = []
-        self.shaped = {}  # position -> shape, for the tensors copied in their own shape
         self.total = 0
-        self.g_slots: List[torch.Tensor] = []  # views of the scratch rows, one per tensor
+        self.rows: torch.Tensor | None = None  # this group's part of the scratch, [g;] r
+        self.g_slots: List[torch.Tensor] = []  # views of the rows, one per tensor
         self.r_slots: List[torch.Tensor] = []
-        self.rows: torch.Tensor | None = None
 
-    def add(self, g: torch.Tensor | None, r: torch.Tensor, n: int, flat: bool) -> None:
-        if flat:
-            if g is not None:
-                g = g if g.dim() == 1 else g.view(-1)
-            r = r if r.dim() == 1 else r.view(-1)
-        else:
-            self.shaped[len(self.numels)] = r.shape
+    def add(self, g: torch.Tensor | None, r: torch.Tensor, n: int) -> None:
         if g is not None:
             self.grads.append(g)
         self.refs.append(r)
         self.numels.append(n)
         self.total += n
 
-    def cut(self, rows: torch.Tensor) -> None:
-        """Cut the slots out of rows[:, :total] (row 0 for g, row 1 for r); `rows` is
-        then that part of the scratch ([g;] r), for whole-group ops."""
-        self.rows = rows[:, : self.total] if self.has_grads else rows[1:, : self.total]
-        for k, row in enumerate(self.rows):
-            views = list(torch.split_with_sizes(row, self.numels))
-            for i, shape in self.shaped.items():
-                views[i] = views[i].view(shape)
-            if k == 0 and self.has_grads:
-                self.g_slots = views
-            else:
-                self.r_slots = views
+    def cut(self, scratch: torch.Tensor) -> None:
+        self.rows = scratch[:, : self.total] if self.has_grads else scratch[1:, : self.total]
+        self.r_slots = list(torch.split_with_sizes(self.rows[-1], self.numels))
+        if self.has_grads:
+            self.g_slots = list(torch.split_with_sizes(self.rows[0], self.numels))
+
+
+def _as_1d(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as 1-D (no new view when it is 1-D already)."""
+    return t if t.dim() == 1 else t.view(-1)
 
 
 class _Packing:
@@ -278,7 +268,17 @@ class _Packing:
         entries = zip(plan.grads + [None] * len(plan.ref_only), plan.refs + plan.ref_only)
         for k, (g, r) in enumerate(entries):
             n = r.numel()
-            if n >= limit:
+            # Flat memory: both contiguous (whatever their shapes), or dense in one order
+            # (channels_last, say); anything else is taken one by one.
+            if g is None:
+                gf, rf = None, _as_1d(r) if r.is_contiguous() else dense_flat(r)
+            elif k not in irregular:
+                gf, rf = _as_1d(g), _as_1d(r)
+            elif same_dense_layout(g, r):
+                gf, rf = dense_flat(g), dense_flat(r)
+            else:
+                rf = None
+            if n >= limit or rf is None:
                 self.large.append((g, r))
                 continue
             key = (r.dtype, g is not None)
@@ -286,7 +286,10 @@ class _Packing:
             if group is None or group.total + n > limit:
                 group = open_groups[key] = _Group(r.dtype, g is not None)
                 self.groups.append(group)
-            group.add(g, r, n, flat=r.is_contiguous() if g is None else k not in irregular)
+            group.add(gf, rf, n)
+        # Reference-only groups first: pass 1 then ends on groups pass 2 needs, and
+        # pass 2 finds the last of them still in the scratch.
+        self.groups.sort(key=lambda group: group.has_grads)
         longest = {}
         for group in self.groups:
             longest[group.dtype] = max(longest.get(group.dtype, 0), group.total)

@@ -36,6 +36,8 @@ class _Net(torch.nn.Module):
 # graph must then keep).
 @pytest.mark.parametrize("extra", [0, 296])
 def test_captured_training_step_matches_eager(backend, extra):
+    if backend == "torch-packed":
+        pytest.skip("on a GPU the torch backend takes its packed path anyway: the 'torch' case")
     dev = torch.device("cuda")
     torch.manual_seed(0)
     model = _Net(extra).to(dev)

@@ -297,12 +297,74 @@ def test_packed_path_runs_the_same_ops_for_any_number_of_tiny_tensors(device, mo
         for p in params:
             p.grad = torch.randn(3, 4, device=device)
         ref = -torch.cat([p.grad.view(-1) for p in params]) + 0.1 * torch.randn(12 * n, device=device)
+        params[n // 2].grad = None  # its reference counts in rr only
         with LaunchingOps() as ops:
             res = agem_fast.project_(params, ref)
         assert bool(res.projected)
         counted.append(ops.names)
     assert counted[0] == counted[1]
     assert len(counted[0]) < 30, counted[0]
+    # Copies into the scratch: the reference-only tensors, then the pairs (pass 1); the
+    # pairs are still there for pass 2, which only copies the results back.
+    assert counted[0].count("aten::_foreach_copy_") == 4, counted[0]
+
+
+@pytest.mark.parametrize("ref_form", ["list", "reference"])
+def test_packed_groups_copy_slot_for_slot(ref_form):
+    """On a GPU, torch._foreach_copy_ runs its multi-tensor kernel only when every slot and
+    its tensor have equal sizes and strides; otherwise it copies tensor by tensor. So a
+    channels_last convnet's gradients, with references in the same layout (a list of
+    like tensors, or a ReferenceGradient, which keeps each layout), must be packed as flat
+    memory, none of them left to the one-by-one route."""
+    from agem_fast import _torch_backend
+    from agem_fast._plan import make_plan
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 32 * 9), (10,)]
+    params = [torch.empty(s).to(memory_format=torch.channels_last) if len(s) == 4 else torch.empty(s)
+              for s in shapes]
+    for p in params:
+        g = torch.randn(p.shape, generator=gen)
+        p.grad = g.to(memory_format=torch.channels_last) if g.dim() == 4 else g
+    if ref_form == "list":
+        ref = [torch.randn(p.shape, generator=gen).to(memory_format=torch.channels_last)
+               if p.dim() == 4 else torch.randn(p.shape, generator=gen) for p in params]
+    else:
+        ref = agem_fast.ReferenceGradient(params).capture_(params)
+    packing = _torch_backend._Packing(make_plan(params, ref, 0.0))
+    assert packing.large == []
+    assert sum(len(group.refs) for group in packing.groups) == len(params)
+    for group in packing.groups:
+        for slot, src in list(zip(group.r_slots, group.refs)) + list(zip(group.g_slots, group.grads)):
+            assert slot.shape == src.shape and slot.stride() == src.stride()
+
+
+@pytest.mark.parametrize("route", ["packed", "one_by_one"])
+def test_packed_path_sums_in_fp64(route, device, monkeypatch):
+    """The packed path accumulates every sum in fp64. fp32 integers whose products are
+    exact in fp32 and whose sums (near 2^40) are exact in fp64 but not in fp32: dot and
+    rr must come out exact, for tensors packed into a group and for tensors taken alone."""
+    from agem_fast import _torch_backend
+
+    monkeypatch.setattr(_torch_backend, "PACKED_ON_CPU", True)
+    monkeypatch.setenv("AGEM_FAST_BACKEND", "torch")
+    if route == "one_by_one":
+        monkeypatch.setattr(_torch_backend, "_PACK_LIMIT", 1)
+    gen = torch.Generator().manual_seed(9)
+    n = 1 << 18
+    params, refs, dot, rr = [], [], 0, 0
+    for _ in range(4):
+        g = torch.randint(1, 1 << 11, (n,), generator=gen)
+        r = -torch.randint(1, 1 << 11, (n,), generator=gen)
+        dot += int((g * r).sum())
+        rr += int((r * r).sum())
+        p = torch.empty(n, device=device)
+        p.grad = g.float().to(device)
+        params.append(p)
+        refs.append(r.float().to(device))
+    assert abs(dot) > 1 << 38 and rr > 1 << 38  # far past fp32's 24 bits
+    res = agem_fast.project_(params, refs)
+    assert float(res.dot) == dot and float(res.ref_sq_norm) == rr
 
 
 @pytest.mark.parametrize("alpha", [-0.5, 0.5])
@@ -740,15 +802,20 @@ def test_subnormal_gradients_count_in_dot(dtype, backend, device):
     check_call(res, orc, [p.grad], [before], device)
 
 
+@pytest.mark.parametrize("route", ["packed", "one_by_one"])
 @pytest.mark.parametrize("dtype,nan_bits", [(torch.float16, 0x7C01), (torch.bfloat16, 0x7F81),
                                             (torch.float32, 0x7F800001)])
-def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits):
+def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits, route, monkeypatch):
     """The torch backend's device update (used on GPUs and under torch.compile) always
     runs and selects with torch.where; not projecting, every gradient must keep its bits,
     a signalling NaN's payload included (a round trip through fp32 would quiet it, as
-    the H200 showed for a fp16 NaN). Runs the device path on the CPU."""
+    the H200 showed for a fp16 NaN). Runs the device path on the CPU, for a tensor
+    packed into the scratch and for one taken alone (as tensors of 2^20 elements are)."""
     from agem_fast import _torch_backend
     from agem_fast._plan import make_plan
+
+    if route == "one_by_one":
+        monkeypatch.setattr(_torch_backend, "_PACK_LIMIT", 1)
 
     int_type = {2: torch.int16, 4: torch.int32}[torch.empty((), dtype=dtype).element_size()]
     g = torch.randn(4, 5).to(dtype)
