@@ -121,6 +121,8 @@ def _ordered_sum(parts: List[torch.Tensor], device: torch.device) -> torch.Tenso
     is deterministic)."""
     if not parts:
         return torch.zeros((), dtype=torch.float64, device=device)
+    if len(parts) == 1 and parts[0].dtype == torch.float64:
+        return parts[0]  # (on a GPU, each op is a kernel launch)
     stacked = torch.stack(parts)
     if device.type == "cpu":
         return _in_order_sum(stacked)
@@ -152,7 +154,7 @@ def _sums(plan: Plan, packing: "_Packing | None" = None) -> Tuple[torch.Tensor, 
 
 def decide(dot: torch.Tensor, rr: torch.Tensor, eps: float):
     """coef and projected flag of DESIGN section 1, as device tensors (no sync)."""
-    denom = rr + eps
+    denom = rr + eps if eps else rr
     projected = (dot < 0) & (denom > 0)  # NaN compares False: no projection
     coef = torch.where(projected, dot / denom, torch.zeros_like(dot))
     return coef, projected
