@@ -27,16 +27,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts dispatched ops: `ops` (may launch a kernel) and `views` (never do)."""
+    """Records dispatched ops: `names` of those that may launch a kernel, and the number
+    of `views` (which never do). A multi-tensor op is one op."""
 
     def __init__(self):
         super().__init__()
-        self.ops = 0
+        self.names = []
         self.views = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.is_mutable or not func.is_view:
-            self.ops += 1
+            self.names.append(func.name())
         else:
             self.views += 1
         return func(*args, **(kwargs or {}))
@@ -51,7 +52,7 @@ def count(workload: str, dtype: torch.dtype, form: str) -> dict:
     ref = flat if form == "flat" else list(flat.split([p.numel() for p in params]))
     with OpCounter() as counter:
         agem_fast.project_(params, ref)
-    return {"tensors": len(params), "ops": counter.ops, "views": counter.views}
+    return {"tensors": len(params), "ops": len(counter.names), "views": counter.views}
 
 
 def main(argv=None) -> None:

@@ -275,19 +275,13 @@ def test_packed_path_runs_the_same_ops_for_any_number_of_tiny_tensors(device, mo
     nothing, grow with the count); a few ops per tensor took 4 ms on ResNet-18's 62
     tensors on an H200. Counted with a TorchDispatchMode, which sees each top-level op
     once (a multi-tensor op is one op)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    import sys
+    from pathlib import Path
 
     from agem_fast import _torch_backend
 
-    class LaunchingOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._schema.is_mutable or not func.is_view:
-                self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+    from bench.torch_backend_ops import OpCounter
 
     monkeypatch.setattr(_torch_backend, "PACKED_ON_CPU", True)
     monkeypatch.setenv("AGEM_FAST_BACKEND", "torch")
@@ -298,7 +292,7 @@ def test_packed_path_runs_the_same_ops_for_any_number_of_tiny_tensors(device, mo
             p.grad = torch.randn(3, 4, device=device)
         ref = -torch.cat([p.grad.view(-1) for p in params]) + 0.1 * torch.randn(12 * n, device=device)
         params[n // 2].grad = None  # its reference counts in rr only
-        with LaunchingOps() as ops:
+        with OpCounter() as ops:
             res = agem_fast.project_(params, ref)
         assert bool(res.projected)
         counted.append(ops.names)
