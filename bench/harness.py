@@ -126,7 +126,9 @@ def device_tag(device: torch.device) -> str:
     """Short file-name tag: 'cpu-amd-epyc-2c', 'gpu-nvidia-h100-80gb-hbm3'."""
     if device.type == "cuda":
         return "gpu-" + slug(torch.cuda.get_device_name(device))
-    return f"cpu-{slug(_cpu_model())}-{os.cpu_count()}c"
+    # "Intel(R) Xeon(R) Processor" -> "intel-xeon": no trademark signs or filler words
+    model = re.sub(r"\((r|tm)\)|\b(processor|cpu)\b", " ", _cpu_model(), flags=re.IGNORECASE)
+    return f"cpu-{slug(model) or 'cpu'}-{os.cpu_count()}c"
 
 
 def _last_level_cache_bytes() -> int:

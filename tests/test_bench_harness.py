@@ -60,3 +60,18 @@ def test_torch_backend_projects_the_packed_gradients(wl):
         with harness.backend_env(impl.env):
             impl.call(k)
         assert wl.rel_error(s.grads) < 1e-4  # projected in place, inside the packed buffer
+
+
+@pytest.mark.parametrize(
+    "model, tag",
+    [
+        ("Intel(R) Xeon(R) Processor", "cpu-intel-xeon-4c"),
+        ("AMD EPYC 9B14 96-Core Processor", "cpu-amd-epyc-9b14-96-core-4c"),
+        ("Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz", "cpu-intel-core-i7-9700k-3-60ghz-4c"),
+        ("(R)", "cpu-cpu-4c"),
+    ],
+)
+def test_cpu_result_file_tag_drops_trademark_signs(monkeypatch, model, tag):
+    monkeypatch.setattr(harness, "_cpu_model", lambda: model)
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 4)
+    assert harness.device_tag(torch.device("cpu")) == tag
