@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # All GPU validation and benchmarking of agem_fast in one call, for a lent GPU machine.
 #
-#   bench/gpu_check.sh                 # every stage: env build tests bench sanitize profile
+#   bench/gpu_check.sh                 # every stage: env build tests bench sanitize profile packlimit
 #   bench/gpu_check.sh build,bench     # a subset (comma list), e.g. to split across calls
 #
 # From a session, through the device tool (one command, at most 10 minutes):
@@ -27,6 +27,8 @@
 #             (PyTorch's caching allocator off, so each tensor is its own allocation)
 #   profile   bench/gpu_profile.py: host time, call time and per-kernel device time of the
 #             extension and the flat floor (ResNet-18, ViT-B/16; fp32, bf16)
+#   packlimit bench/torch_pack_limit.py: the torch backend (the fallback without a CUDA
+#             toolkit) at pack limits 2^20..2^23, to choose _torch_backend._PACK_LIMIT
 # (they run in that order: tests and benchmarks first, as they matter most.)
 #
 # Everything is written to bench/results/gpu-<card>-<UTC date>/ (logs, nvidia-smi,
@@ -38,7 +40,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
-STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,bench,sanitize,profile}}"
+STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,bench,sanitize,profile,packlimit}}"
 BUDGET="${GPU_CHECK_BUDGET:-570}"
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1
@@ -171,6 +173,14 @@ if has_stage profile; then
   STATUS[profile]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
 fi
 
+# ------------------------------------------------------------------ packlimit
+if has_stage packlimit; then
+  note "packlimit -> $RES/packlimit.md"
+  timeout "$(bounded 60)" "$PY" bench/torch_pack_limit.py > "$RES/packlimit.md" 2> "$RES/packlimit.log"
+  rc=$?
+  STATUS[packlimit]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+fi
+
 # ------------------------------------------------------------------ summary
 {
   echo "# GPU check: ${CARD:-unknown GPU}, $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -178,7 +188,7 @@ fi
   echo "Stages: $STAGES; $(( $(date +%s) - T0 )) s in all; results folder bench/results/$(basename "$RES")"
   echo
   echo "| stage | status |"; echo "|---|---|"
-  for k in env build tests bench pytest-bench memcheck racecheck profile; do
+  for k in env build tests bench pytest-bench memcheck racecheck profile packlimit; do
     [[ -n "${STATUS[$k]:-}" ]] && echo "| $k | ${STATUS[$k]} |"
   done
   if [[ -f "$RES/tests.log" ]]; then echo; echo '```'; tail -3 "$RES/tests.log"; echo '```'; fi
@@ -186,6 +196,7 @@ fi
     if [[ -f "$RES/$tool.log" ]]; then echo; echo "$tool:"; echo '```'; grep -E "ERROR SUMMARY|sanitize case|FAIL" "$RES/$tool.log" | tail -5; echo '```'; fi
   done
   if [[ -f "$RES/profile.log" ]]; then echo; echo "profile (bench/gpu_profile.py):"; echo '```'; cat "$RES/profile.log"; echo '```'; fi
+  if [[ -f "$RES/packlimit.md" ]]; then echo; cat "$RES/packlimit.md"; fi
   for md in "$RES/bench-cuda.md" "$RES/bench-cuda-tiny5000.md"; do
     if [[ -f "$md" ]]; then echo; echo "$(basename "$md"):"; sed -n '/^Targets:/,/^peak extra mem/p' "$md"; fi
   done
