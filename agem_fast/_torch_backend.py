@@ -136,7 +136,9 @@ def _sums(plan: Plan, packing: "_Packing | None" = None) -> Tuple[torch.Tensor, 
     if not _packed_path(plan):
         # One scratch buffer per accumulation dtype, sized once for the largest tensor
         # (at most _PIECE elements): growing it call by call costs fresh pages.
-        largest = max((r.numel() for r in plan.refs + plan.ref_only), default=0)
+        largest = 0  # (a loop: torch.compile of torch 2.13 cannot trace max(..., default=))
+        for r in plan.refs + plan.ref_only:
+            largest = max(largest, r.numel())
         size = min(max(largest, 1), _PIECE)
         bufs = {}
         for g, r in zip(plan.grads + [None] * len(plan.ref_only), plan.refs + plan.ref_only):

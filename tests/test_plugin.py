@@ -25,12 +25,13 @@ import unittest
 import warnings
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 avalanche = pytest.importorskip("avalanche")
+
+import numpy as np  # noqa: E402 (comes with avalanche-lib)
 
 from avalanche.benchmarks import nc_benchmark  # noqa: E402
 from avalanche.benchmarks.utils import (  # noqa: E402
