@@ -7,7 +7,8 @@ Runs the extension's CUDA kernels (AGEM_FAST_BACKEND=extension unless set) on a 
 small gradient lists that reach the edge cases (sizes that are not multiples of the
 vector width, misaligned views into a larger buffer, channels_last, None grads and
 refs, every dtype and a mixed list, one tensor over a million elements), projecting
-and not projecting, and checks every result against float64. Exit status 0 only
+and not projecting, and checks every result against float64; on CUDA every case runs
+under both ways the kernels can get their tensor table (upload, inline). Exit status 0 only
 when every case is right. With the caching allocator off, each tensor is its own
 cudaMalloc, so memcheck sees any access past its end.
 """
@@ -77,6 +78,21 @@ def _expected(params, refs):
     return out, coef != 0.0
 
 
+def _table_routes():
+    """On CUDA, both ways the kernels can get their tensor table (csrc/cuda/agem_cuda.cu)."""
+    if DEV.type != "cuda" or os.environ.get("AGEM_FAST_BACKEND") == "torch":
+        return [None]
+    from agem_fast import _extension
+
+    return ["upload", "inline"] if hasattr(_extension.load(), "_set_cuda_table_route") else [None]
+
+
+def _set_route(route: str) -> None:
+    from agem_fast import _extension
+
+    _extension.load()._set_cuda_table_route(route)
+
+
 def run() -> int:
     assert backend_for(DEV) == DEV.type or os.environ.get("AGEM_FAST_BACKEND") == "torch", (
         f"the extension's kernels are not in use: backend_for({DEV}) = {backend_for(DEV)}"
@@ -92,8 +108,11 @@ def run() -> int:
     cases.append(("one tensor over 1M elements", [f32, bf], [(1 << 20) + 5, 77], {}))
     cases.append(("many tiny tensors", [f32] * 300, [(3,)] * 300, {}))
     failures = 0
-    for name, dts, shapes, kw in cases:
+    for route, name, dts, shapes, kw in [(rt, *case) for rt in _table_routes() for case in cases]:
         shapes = [s if isinstance(s, tuple) else (s,) for s in shapes]
+        if route is not None:
+            _set_route(route)
+            name = f"{name} [{route}]"
         for project in (True, False):
             params, refs = _case(dts, shapes, gen, project=project, **kw)
             want, projects = _expected(params, refs)
@@ -117,7 +136,7 @@ def run() -> int:
                     ok &= torch.equal(p.grad, b)
             status = "ok" if ok else "FAIL"
             failures += not ok
-            print(f"{status:4s} {name:32s} {'proj' if project else 'noproj':6s} worst rel err {worst:.2e}", flush=True)
+            print(f"{status:4s} {name:42s} {'proj' if project else 'noproj':6s} worst rel err {worst:.2e}", flush=True)
     print("sanitize case: " + ("all OK" if not failures else f"{failures} FAILED"), flush=True)
     return 1 if failures else 0
 

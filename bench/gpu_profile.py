@@ -12,7 +12,9 @@ Per workload and dtype, for each implementation (medians over the calls):
 - the kernels and copies torch.profiler saw, with their device time;
 - the host-side calls (aten ops, CUDA runtime) that take the most host time per call
   (inflated by the profiler itself: compare them with each other, not with `host`).
-Each call restores the gradients first, so every call projects.
+Each call restores the gradients first, so every call projects. The extension is
+profiled once per way its kernels can get the tensor table (`--routes`: copied up from
+pinned memory, or inside the kernels' parameters; see csrc/cuda/agem_cuda.cu).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def _profile(name, call, restore, flush, calls):
         for mine, per_session in ((dev, device), (hst, host_side)):
             for key, (us, n) in mine.items():
                 per_session.setdefault(key, []).append((us * 1e-6, n))
-    print(f"  {name:9s} host {host * 1e6:7.1f} us   call {idle * 1e6:7.1f} us   busy {busy * 1e6:7.1f} us"
+    print(f"  {name:10s} host {host * 1e6:7.1f} us   call {idle * 1e6:7.1f} us   busy {busy * 1e6:7.1f} us"
           f"   (GPU waited for the host: {(idle - busy) * 1e6:6.1f} us)")
     print("    device, per call (median of the profiled calls):")
     _print_top(device, limit=None)
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", default="resnet18,vit_b_16")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--routes", default="upload,inline", help="CUDA table routes to profile the extension with")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA device")
@@ -131,6 +134,11 @@ def main(argv=None) -> int:
         scratch.fill_(1)
 
     agem_fast.project_([torch.zeros(1, device=dev)], [torch.zeros(1, device=dev)])  # load/build once
+    from agem_fast import _extension
+
+    module = _extension.load()
+    routes = args.routes.split(",") if hasattr(module, "_set_cuda_table_route") else [None]
+    default_route = module._cuda_table_route() if routes != [None] else None
     for wl in args.workloads.split(","):
         for dt in args.dtypes.split(","):
             params, refs = make_grads(shapes(wl), DTYPES[dt], dev, project=True)
@@ -143,9 +151,15 @@ def main(argv=None) -> int:
 
             floor = FlatFloor.from_tensors(saved, refs)
             print(f"{wl} {dt}: {len(params)} tensors, {sum(s.numel() for s in saved) / 1e6:.1f}M elements")
-            _profile("extension", lambda: agem_fast.project_(params, flat), restore, flush, args.calls)
+            for route in routes:
+                if route is not None:
+                    module._set_cuda_table_route(route)
+                _profile(f"ext {route}" if route else "extension", lambda: agem_fast.project_(params, flat),
+                         restore, flush, args.calls)
             _profile("floor", lambda: floor(projects=True), lambda: floor.g.copy_(floor.r).neg_(), flush,
                      args.calls)
+            if default_route is not None:
+                module._set_cuda_table_route(default_route)
             del params, refs, flat, saved, floor
             torch.cuda.empty_cache()
     return 0

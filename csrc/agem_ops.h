@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -52,6 +53,12 @@ void force_cpu_baseline(bool baseline);
 ProjectResult project_table_cpu(const Table& table, double eps);
 #ifdef AGEM_FAST_WITH_CUDA
 ProjectResult project_table_cuda(const Table& table, const at::Device& device, double eps);
+
+// How the CUDA kernels get the table: "upload" (a copy from pinned memory) or "inline"
+// (inside the kernels' parameters, for tables of up to 96 entries). The first call reads
+// AGEM_FAST_CUDA_TABLE (default "upload"); the setter raises on any other name.
+const char* cuda_table_route();
+void set_cuda_table_route(const std::string& name);
 #endif
 
 // The three ops: project_ = sums + decide + apply_ in one call; sums and apply_ let a

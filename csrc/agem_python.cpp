@@ -238,6 +238,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("_force_cpu_baseline", &agem_fast::force_cpu_baseline, py::arg("baseline"),
         "tests only: run the CPU kernels' baseline (SSE2) copies even where AVX2 is there");
+#ifdef AGEM_FAST_WITH_CUDA
+  m.def("_cuda_table_route", &agem_fast::cuda_table_route,
+        "how the CUDA kernels get the tensor table: 'upload' or 'inline'");
+  m.def("_set_cuda_table_route", &agem_fast::set_cuda_table_route, py::arg("route"),
+        "tests and benchmarks: 'upload' or 'inline' (AGEM_FAST_CUDA_TABLE sets the first value)");
+#endif
   m.def("project_plain", &agem_fast::project_plain, py::arg("params"), py::arg("refs"),
         py::arg("eps"),
         "project_ for plain valid inputs, all in C++; None (nothing written) otherwise");

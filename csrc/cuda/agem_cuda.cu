@@ -14,6 +14,10 @@
 // 64-bit element indices. Nothing is read back to the host, and the only host-to-device
 // copy is of the tensor table from pinned memory, so a projection can be captured in a
 // CUDA graph.
+// Tables of up to kInlineEntries entries can instead travel inside the kernels'
+// parameters (as PyTorch's multi-tensor kernels pass their tensor lists): no pinned
+// staging buffer and no copy ahead of pass 1. That route is chosen by
+// AGEM_FAST_CUDA_TABLE=inline (default: upload) until a GPU run shows which is faster.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a
 // minimal CUDA toolkit may not have.
 #include <c10/cuda/CUDAException.h>
@@ -23,9 +27,12 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -36,6 +43,22 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+
+// A table passed by value: 96 entries are 3,840 bytes, which with the other arguments
+// stays under the 4 KB of kernel parameters that every driver accepts.
+constexpr int kInlineEntries = 96;
+struct InlineTable {
+  TensorEntry e[kInlineEntries];
+};
+
+// __grid_constant__ (CUDA 11.7+, sm_70+) lets the kernels read a by-value table through a
+// pointer; without it each thread would first copy the table into its local memory.
+#if (__CUDACC_VER_MAJOR__ > 11 || (__CUDACC_VER_MAJOR__ == 11 && __CUDACC_VER_MINOR__ >= 7)) && \
+    (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700)
+#define AGEM_GRID_CONSTANT __grid_constant__
+#else
+#define AGEM_GRID_CONSTANT
+#endif
 
 template <typename T> struct Num;
 template <> struct Num<__half> {
@@ -194,10 +217,10 @@ __device__ __forceinline__ void dispatch_dtype(int32_t code, Fn&& fn) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-reduce_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_chunks,
-              double2* __restrict__ partials, unsigned int* ticket, double* dot_out,
-              double* rr_out, double* coef_out, bool* flag, double eps) {
+__device__ __forceinline__ void
+reduce_body(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_chunks,
+            double2* __restrict__ partials, unsigned int* ticket, double* dot_out,
+            double* rr_out, double* coef_out, bool* flag, double eps) {
   // Last chunk first, so that the chunks pass 2 starts with (the first ones) are the
   // last ones read here: the likeliest to be still in L2.
   for (int64_t i = blockIdx.x; i < n_chunks; i += gridDim.x) {
@@ -241,8 +264,22 @@ reduce_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t 
 }
 
 __global__ void __launch_bounds__(kThreads)
-update_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_pair_chunks,
-              const double* coef, const bool* flag) {
+reduce_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_chunks,
+              double2* __restrict__ partials, unsigned int* ticket, double* dot_out,
+              double* rr_out, double* coef_out, bool* flag, double eps) {
+  reduce_body(table, n_entries, n_chunks, partials, ticket, dot_out, rr_out, coef_out, flag, eps);
+}
+
+__global__ void __launch_bounds__(kThreads)
+reduce_kernel_inline(const AGEM_GRID_CONSTANT InlineTable table, int64_t n_entries, int64_t n_chunks,
+                     double2* __restrict__ partials, unsigned int* ticket, double* dot_out,
+                     double* rr_out, double* coef_out, bool* flag, double eps) {
+  reduce_body(table.e, n_entries, n_chunks, partials, ticket, dot_out, rr_out, coef_out, flag, eps);
+}
+
+__device__ __forceinline__ void
+update_body(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_pair_chunks,
+            const double* coef, const bool* flag) {
   if (!*flag) return;  // not projecting: nothing more is read or written
   const double c_d = *coef;
   for (int64_t c = blockIdx.x; c < n_pair_chunks; c += gridDim.x) {
@@ -254,6 +291,20 @@ update_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t 
                       cr.end - cr.begin, c_d);
     });
   }
+}
+
+__global__ void __launch_bounds__(kThreads)
+update_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t n_pair_chunks,
+              const double* coef, const bool* flag) {
+  update_body(table, n_entries, n_pair_chunks, coef, flag);
+}
+
+// At least 6 blocks per SM (at most 42 registers): left free, ptxas gave this kernel 32
+// registers and an 8-byte spill on sm_80.
+__global__ void __launch_bounds__(kThreads, 6)
+update_kernel_inline(const AGEM_GRID_CONSTANT InlineTable table, int64_t n_entries,
+                     int64_t n_pair_chunks, const double* coef, const bool* flag) {
+  update_body(table.e, n_entries, n_pair_chunks, coef, flag);
 }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -294,20 +345,46 @@ std::vector<at::Tensor>* const captured_tables = new std::vector<at::Tensor>();
 
 namespace {
 
-// The table on the device, in a workspace [table | ticket | per-chunk partials]. Table
-// and zeroed ticket go up in one copy from pinned memory (stream-ordered, no host
-// sync); the partials are written by pass 1 before being read.
+// How the table reaches the kernels: copied up from pinned memory (kUpload), or, when it
+// has at most kInlineEntries entries, inside the kernels' parameters (kInline). Read once
+// from AGEM_FAST_CUDA_TABLE; tests and benchmarks switch it with set_cuda_table_route.
+enum Route : int { kRouteUnset = -1, kUpload = 0, kInline = 1 };
+std::atomic<int> route{kRouteUnset};
+
+int parse_route(const std::string& name, const char* what) {
+  if (name == "upload") return kUpload;
+  TORCH_CHECK_VALUE(name == "inline", "agem_fast: ", what, " must be 'upload' or 'inline', got '", name, "'");
+  return kInline;
+}
+
+int current_route() {
+  int r = route.load(std::memory_order_relaxed);
+  if (r == kRouteUnset) {
+    const char* env = std::getenv("AGEM_FAST_CUDA_TABLE");
+    r = env != nullptr && *env != '\0' ? parse_route(env, "AGEM_FAST_CUDA_TABLE") : kUpload;
+    int expected = kRouteUnset;
+    route.compare_exchange_strong(expected, r);
+    r = route.load(std::memory_order_relaxed);
+  }
+  return r;
+}
+
+// What the kernels of one call need: the table (on the device, or inline), and for
+// pass 1 a workspace [ticket | per-chunk partials] whose ticket starts at zero.
 struct DeviceTable {
   at::Tensor workspace;
-  const TensorEntry* entries;
-  int64_t n_entries;
-  unsigned int* ticket;
-  double2* partials;
+  const TensorEntry* entries = nullptr;  // the table on the device; nullptr: `inline_table`
+  InlineTable inline_table;
+  int64_t n_entries = 0;
+  unsigned int* ticket = nullptr;
+  double2* partials = nullptr;
 };
 
-DeviceTable upload(const Table& table, const at::Device& device) {
-  const int64_t n_entries = static_cast<int64_t>(table.entries.size());
-  const int64_t table_bytes = n_entries * static_cast<int64_t>(sizeof(TensorEntry));
+// The upload route: table and zeroed ticket go up in one copy from pinned memory
+// (stream-ordered, no host sync), in a workspace [table | ticket | partials]; the
+// partials are written by pass 1 before being read.
+void upload(const Table& table, const at::Device& device, DeviceTable* dt) {
+  const int64_t table_bytes = dt->n_entries * static_cast<int64_t>(sizeof(TensorEntry));
   const int64_t ticket_off = round_up(table_bytes, 16);
   const int64_t partials_off = ticket_off + 16;
   const int64_t total_bytes = partials_off + table.total_chunks * static_cast<int64_t>(sizeof(double2));
@@ -325,17 +402,48 @@ DeviceTable upload(const Table& table, const at::Device& device) {
     captured_tables->push_back(host);
   }
   uint8_t* base = ws.data_ptr<uint8_t>();
-  return {ws, reinterpret_cast<const TensorEntry*>(base), n_entries,
-          reinterpret_cast<unsigned int*>(base + ticket_off),
-          reinterpret_cast<double2*>(base + partials_off)};
+  dt->workspace = ws;
+  dt->entries = reinterpret_cast<const TensorEntry*>(base);
+  dt->ticket = reinterpret_cast<unsigned int*>(base + ticket_off);
+  dt->partials = reinterpret_cast<double2*>(base + partials_off);
+}
+
+// The table for this call's kernels; `with_partials`: pass 1 runs (not apply_ alone).
+DeviceTable prepare(const Table& table, const at::Device& device, bool with_partials) {
+  DeviceTable dt;
+  dt.n_entries = static_cast<int64_t>(table.entries.size());
+  if (current_route() != kInline || dt.n_entries > kInlineEntries) {
+    upload(table, device, &dt);
+    return dt;
+  }
+  std::memset(&dt.inline_table, 0, sizeof(InlineTable));
+  if (dt.n_entries > 0) {
+    std::memcpy(dt.inline_table.e, table.entries.data(), dt.n_entries * sizeof(TensorEntry));
+  }
+  if (with_partials) {  // [ticket (16 bytes) | partials], the ticket zeroed on the stream
+    const int64_t bytes = 16 + table.total_chunks * static_cast<int64_t>(sizeof(double2));
+    dt.workspace = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+    uint8_t* base = dt.workspace.data_ptr<uint8_t>();
+    C10_CUDA_CHECK(cudaMemsetAsync(base, 0, sizeof(unsigned int),
+                                   c10::cuda::getCurrentCUDAStream(device.index())));
+    dt.ticket = reinterpret_cast<unsigned int*>(base);
+    dt.partials = reinterpret_cast<double2*>(base + 16);
+  }
+  return dt;
 }
 
 // Pass 1 into *dot, *rr, *coef and *flag.
 void launch_reduce(const Table& table, const DeviceTable& dt, const at::Device& device,
                    double* dot, double* rr, double* coef, bool* flag, double eps) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
-  reduce_kernel<<<grid_for(table.total_chunks, device.index(), reduce_kernel), kThreads, 0, stream>>>(
-      dt.entries, dt.n_entries, table.total_chunks, dt.partials, dt.ticket, dot, rr, coef, flag, eps);
+  if (dt.entries != nullptr) {
+    reduce_kernel<<<grid_for(table.total_chunks, device.index(), reduce_kernel), kThreads, 0, stream>>>(
+        dt.entries, dt.n_entries, table.total_chunks, dt.partials, dt.ticket, dot, rr, coef, flag, eps);
+  } else {
+    reduce_kernel_inline<<<grid_for(table.total_chunks, device.index(), reduce_kernel_inline), kThreads, 0,
+                           stream>>>(dt.inline_table, dt.n_entries, table.total_chunks, dt.partials,
+                                     dt.ticket, dot, rr, coef, flag, eps);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -344,8 +452,13 @@ void launch_update(const Table& table, const DeviceTable& dt, const at::Device& 
                    const double* coef, const bool* flag) {
   if (table.pair_chunks == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
-  update_kernel<<<grid_for(table.pair_chunks, device.index(), update_kernel), kThreads, 0, stream>>>(
-      dt.entries, dt.n_entries, table.pair_chunks, coef, flag);
+  if (dt.entries != nullptr) {
+    update_kernel<<<grid_for(table.pair_chunks, device.index(), update_kernel), kThreads, 0, stream>>>(
+        dt.entries, dt.n_entries, table.pair_chunks, coef, flag);
+  } else {
+    update_kernel_inline<<<grid_for(table.pair_chunks, device.index(), update_kernel_inline), kThreads, 0,
+                           stream>>>(dt.inline_table, dt.n_entries, table.pair_chunks, coef, flag);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -359,9 +472,15 @@ at::Tensor new_flag(const at::Device& device) {
 
 }  // namespace
 
+const char* cuda_table_route() { return current_route() == kInline ? "inline" : "upload"; }
+
+void set_cuda_table_route(const std::string& name) {
+  route.store(parse_route(name, "the CUDA table route"), std::memory_order_relaxed);
+}
+
 ProjectResult project_table_cuda(const Table& table, const at::Device& device, double eps) {
   const c10::cuda::CUDAGuard guard(device);
-  const DeviceTable dt = upload(table, device);
+  const DeviceTable dt = prepare(table, device, /*with_partials=*/true);
   // Separate tensors: the op's schema promises outputs that alias nothing.
   at::Tensor dot = new_f64(device), rr = new_f64(device), coef = new_f64(device);
   at::Tensor flag = new_flag(device);
@@ -381,7 +500,7 @@ at::Tensor sums_cuda(at::TensorList grads, at::TensorList refs, at::TensorList r
   const Table table = build_table(grads, refs, ref_only);
   const at::Device device = op_device(grads, ref_only);
   const c10::cuda::CUDAGuard guard(device);
-  const DeviceTable dt = upload(table, device);
+  const DeviceTable dt = prepare(table, device, /*with_partials=*/true);
   at::Tensor sums = at::empty({2}, at::TensorOptions().dtype(at::kDouble).device(device));
   at::Tensor coef = new_f64(device), flag = new_flag(device);  // decided by the caller instead
   double* out = sums.data_ptr<double>();
@@ -398,7 +517,7 @@ void apply_cuda(at::TensorList grads, at::TensorList refs, const at::Tensor& coe
   TORCH_CHECK_VALUE(coef.device() == device && projected.device() == device,
                     "agem_fast: coef and projected must be on ", device);
   const c10::cuda::CUDAGuard guard(device);
-  const DeviceTable dt = upload(table, device);
+  const DeviceTable dt = prepare(table, device, /*with_partials=*/false);
   launch_update(table, dt, device, coef.data_ptr<double>(), projected.data_ptr<bool>());
 }
 
