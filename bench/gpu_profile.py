@@ -30,6 +30,7 @@ from agem_fast._baselines import FlatFloor
 from agem_fast._workloads import flat_buffer, make_grads, shapes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INLINE_ENTRIES = 96  # csrc/cuda/agem_cuda.cu kInlineEntries: larger tables are always uploaded
 
 
 def _timed(call, restore, flush, calls, busy_cycles=0):
@@ -152,6 +153,9 @@ def main(argv=None) -> int:
             floor = FlatFloor.from_tensors(saved, refs)
             print(f"{wl} {dt}: {len(params)} tensors, {sum(s.numel() for s in saved) / 1e6:.1f}M elements")
             for route in routes:
+                if route == "inline" and len(params) > INLINE_ENTRIES:
+                    print(f"  ext inline: not run, {len(params)} tensors > {INLINE_ENTRIES} (the table is uploaded)")
+                    continue
                 if route is not None:
                     module._set_cuda_table_route(route)
                 _profile(f"ext {route}" if route else "extension", lambda: agem_fast.project_(params, flat),

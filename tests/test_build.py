@@ -209,7 +209,8 @@ def test_cuda_kernels_have_no_register_spills(tmp_path):
 
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     cmd = [nvcc, "-c", str(REPO / "csrc" / "cuda" / "agem_cuda.cu"), "-o", str(tmp_path / "k.o"),
-           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-O3", "-std=c++20", "-Xptxas", "-v", "--expt-relaxed-constexpr",
+           "-gencode=arch=compute_75,code=sm_75", "-gencode=arch=compute_80,code=sm_80",
+           "-gencode=arch=compute_90,code=sm_90", "-O3", "-std=c++20", "-Xptxas", "-v", "--expt-relaxed-constexpr",
            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
            "-DAGEM_FAST_WITH_CUDA", "--compiler-options", "-fPIC", *includes]
@@ -219,7 +220,8 @@ def test_cuda_kernels_have_no_register_spills(tmp_path):
     functions = re.findall(r"Compiling entry function '(\w+)'", report)
     for kernel in ("reduce_kernel", "update_kernel", "reduce_kernel_inline", "update_kernel_inline"):
         assert any(f"{len(kernel)}{kernel}E" in f for f in functions), (kernel, functions)  # mangled name
-    assert len(re.findall(r"for 'sm_(80|90)'", report)) >= 8, report[-2000:]  # 4 kernels, both archs
+    assert len(re.findall(r"for 'sm_(75|80|90)'", report)) >= 12, report[-2000:]  # 4 kernels, 3 archs
+    assert "ptxas warning" not in report, report[-4000:]  # e.g. a launch bound an arch cannot meet
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills, report[-2000:]
     assert all(s == "0" and l == "0" for s, l in spills), report[-4000:]

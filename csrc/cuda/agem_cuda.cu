@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -299,9 +300,9 @@ update_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t 
   update_body(table, n_entries, n_pair_chunks, coef, flag);
 }
 
-// At least 6 blocks per SM (at most 42 registers): left free, ptxas gave this kernel 32
-// registers and an 8-byte spill on sm_80.
-__global__ void __launch_bounds__(kThreads, 6)
+// At least 4 blocks per SM (at most 64 registers): left free, ptxas gave this kernel 32
+// registers and an 8-byte spill on sm_80 (5 spilled too; 6 exceeds sm_75's 1024 threads).
+__global__ void __launch_bounds__(kThreads, 4)
 update_kernel_inline(const AGEM_GRID_CONSTANT InlineTable table, int64_t n_entries,
                      int64_t n_pair_chunks, const double* coef, const bool* flag) {
   update_body(table.e, n_entries, n_pair_chunks, coef, flag);
@@ -361,7 +362,12 @@ int current_route() {
   int r = route.load(std::memory_order_relaxed);
   if (r == kRouteUnset) {
     const char* env = std::getenv("AGEM_FAST_CUDA_TABLE");
-    r = env != nullptr && *env != '\0' ? parse_route(env, "AGEM_FAST_CUDA_TABLE") : kUpload;
+    std::string name = env != nullptr ? env : "";  // stripped and lower-cased, as AGEM_FAST_BACKEND
+    const char* space = " \t\n\r\f\v";
+    const size_t first = name.find_first_not_of(space);
+    name = first == std::string::npos ? "" : name.substr(first, name.find_last_not_of(space) - first + 1);
+    for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    r = name.empty() ? kUpload : parse_route(name, "AGEM_FAST_CUDA_TABLE");
     int expected = kRouteUnset;
     route.compare_exchange_strong(expected, r);
     r = route.load(std::memory_order_relaxed);
