@@ -30,7 +30,6 @@ from agem_fast._baselines import FlatFloor
 from agem_fast._workloads import flat_buffer, make_grads, shapes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-INLINE_ENTRIES = 96  # csrc/cuda/agem_cuda.cu kInlineEntries: larger tables are always uploaded
 
 
 def _timed(call, restore, flush, calls, busy_cycles=0):
@@ -140,6 +139,7 @@ def main(argv=None) -> int:
     module = _extension.load()
     routes = args.routes.split(",") if hasattr(module, "_set_cuda_table_route") else [None]
     default_route = module._cuda_table_route() if routes != [None] else None
+    inline_max = module._cuda_inline_table_sizes()[-1] if routes != [None] else 0  # larger: uploaded
     for wl in args.workloads.split(","):
         for dt in args.dtypes.split(","):
             params, refs = make_grads(shapes(wl), DTYPES[dt], dev, project=True)
@@ -153,8 +153,8 @@ def main(argv=None) -> int:
             floor = FlatFloor.from_tensors(saved, refs)
             print(f"{wl} {dt}: {len(params)} tensors, {sum(s.numel() for s in saved) / 1e6:.1f}M elements")
             for route in routes:
-                if route == "inline" and len(params) > INLINE_ENTRIES:
-                    print(f"  ext inline: not run, {len(params)} tensors > {INLINE_ENTRIES} (the table is uploaded)")
+                if route == "inline" and len(params) > inline_max:
+                    print(f"  ext inline: not run, {len(params)} tensors > {inline_max} (the table is uploaded)")
                     continue
                 if route is not None:
                     module._set_cuda_table_route(route)

@@ -55,10 +55,12 @@ ProjectResult project_table_cpu(const Table& table, double eps);
 ProjectResult project_table_cuda(const Table& table, const at::Device& device, double eps);
 
 // How the CUDA kernels get the table: "upload" (a copy from pinned memory) or "inline"
-// (inside the kernels' parameters, for tables of up to 96 entries). The first call reads
+// (inside the kernels' parameters, for tables of up to 96 or 512 entries). The first call reads
 // AGEM_FAST_CUDA_TABLE (default "upload"); the setter raises on any other name.
 const char* cuda_table_route();
 void set_cuda_table_route(const std::string& name);
+// The table sizes (entries) the "inline" route can take, smallest first.
+std::vector<int64_t> cuda_inline_table_sizes();
 #endif
 
 // The three ops: project_ = sums + decide + apply_ in one call; sums and apply_ let a

@@ -243,6 +243,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how the CUDA kernels get the tensor table: 'upload' or 'inline'");
   m.def("_set_cuda_table_route", &agem_fast::set_cuda_table_route, py::arg("route"),
         "tests and benchmarks: 'upload' or 'inline' (AGEM_FAST_CUDA_TABLE sets the first value)");
+  m.def("_cuda_inline_table_sizes", &agem_fast::cuda_inline_table_sizes,
+        "the table sizes (entries) the 'inline' route can take; larger tables are uploaded");
 #endif
   m.def("project_plain", &agem_fast::project_plain, py::arg("params"), py::arg("refs"),
         py::arg("eps"),

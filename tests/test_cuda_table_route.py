@@ -1,6 +1,6 @@
 """The two ways the CUDA kernels get their tensor table: copied up from pinned memory
 ("upload", the default) or inside the kernels' parameters for tables of up to 96
-entries ("inline", AGEM_FAST_CUDA_TABLE=inline). The kernels' bodies are shared, so
+entries, 512 in a CUDA 13 build ("inline", AGEM_FAST_CUDA_TABLE=inline). The kernels' bodies are shared, so
 both routes must give the same bits; the inline route must copy nothing from the host.
 The switch itself is checked wherever the extension was built with its CUDA kernels;
 the rest needs a GPU."""
@@ -18,7 +18,7 @@ import torch
 import agem_fast
 from oracle import check_call, oracle
 
-INLINE_ENTRIES = 96  # csrc/cuda/agem_cuda.cu kInlineEntries
+SMALL, LARGE = 96, 512  # csrc/cuda/agem_cuda.cu kInlineSmall, kInlineLarge (CUDA 13 builds)
 
 
 @pytest.fixture
@@ -41,6 +41,13 @@ def route(mod, name):
         yield
     finally:
         mod._set_cuda_table_route(old)
+
+
+def test_inline_table_sizes(module):
+    sizes = module._cuda_inline_table_sizes()
+    assert sizes in ([SMALL], [SMALL, LARGE])
+    cuda_major = int(torch.version.cuda.split(".")[0])
+    assert (LARGE in sizes) == (cuda_major >= 13)  # the toolkit matches torch's CUDA (the build checks)
 
 
 def test_route_switch_and_a_bad_name(module):
@@ -117,12 +124,12 @@ def _run(mod, name, params, refs):
 
 
 @cuda
-@pytest.mark.parametrize("n, holes", [(1, False), (40, True), (INLINE_ENTRIES, False),
-                                      (INLINE_ENTRIES + 1, False), (300, True)])
+@pytest.mark.parametrize("n, holes", [(1, False), (40, True), (SMALL, False), (SMALL + 1, False), (300, True),
+                                      (LARGE, False), (LARGE + 1, False)])
 @pytest.mark.parametrize("project", [True, False])
 def test_both_routes_give_the_same_bits(module, monkeypatch, n, holes, project):
-    """(Past 96 entries "inline" falls back to the upload: the same code, checked as such;
-    the next test checks which kernels run.)"""
+    """(Past the largest inline size "inline" falls back to the upload: the same code,
+    checked as such; the next test checks which kernels run.)"""
     monkeypatch.setenv("AGEM_FAST_BACKEND", "extension")
     params, refs = _problem(n, project, seed=n, holes=holes)
     up_grads, up = _run(module, "upload", params, refs)
@@ -150,16 +157,18 @@ def _profiled(fn):
 @cuda
 def test_inline_route_copies_no_table_from_the_host(module, monkeypatch):
     monkeypatch.setenv("AGEM_FAST_BACKEND", "extension")
-    small, small_refs = _problem(INLINE_ENTRIES, True, seed=1, holes=False)  # table entries: 96
-    large, large_refs = _problem(INLINE_ENTRIES + 1, True, seed=2, holes=False)  # and 97
+    sizes = module._cuda_inline_table_sizes()
+    # tables of exactly each inline size (and one entry more, which takes the next size)
+    problems = [_problem(n, True, seed=n, holes=False) for k in sizes for n in (k, k + 1)]
     with route(module, "inline"):
-        for ps, rs in ((small, small_refs), (large, large_refs)):
+        for ps, rs in problems:
             agem_fast.project_(ps, rs)  # warm-up (and occupancy queries), outside the profiles
-        assert _profiled(lambda: agem_fast.project_(small, small_refs)) == (0, 2)
-        # one entry too many: the table is uploaded, inline route or not
-        assert _profiled(lambda: agem_fast.project_(large, large_refs)) == (1, 0)
+        for ps, rs in problems:
+            fits = len(ps) <= sizes[-1]
+            assert _profiled(lambda: agem_fast.project_(ps, rs)) == ((0, 2) if fits else (1, 0)), len(ps)
     with route(module, "upload"):
-        assert _profiled(lambda: agem_fast.project_(small, small_refs)) == (1, 0)
+        ps, rs = problems[0]
+        assert _profiled(lambda: agem_fast.project_(ps, rs)) == (1, 0)
 
 
 @cuda

@@ -14,9 +14,9 @@
 // 64-bit element indices. Nothing is read back to the host, and the only host-to-device
 // copy is of the tensor table from pinned memory, so a projection can be captured in a
 // CUDA graph.
-// Tables of up to kInlineEntries entries can instead travel inside the kernels'
-// parameters (as PyTorch's multi-tensor kernels pass their tensor lists): no pinned
-// staging buffer and no copy ahead of pass 1. That route is chosen by
+// Tables of up to 96 entries (512 when built with CUDA 13) can instead travel inside the
+// kernels' parameters (as PyTorch's multi-tensor kernels pass their tensor lists): no
+// pinned staging buffer and no copy ahead of pass 1. That route is chosen by
 // AGEM_FAST_CUDA_TABLE=inline (default: upload) until a GPU run shows which is faster.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a
 // minimal CUDA toolkit may not have.
@@ -45,12 +45,20 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-// A table passed by value: 96 entries are 3,840 bytes, which with the other arguments
-// stays under the 4 KB of kernel parameters that every driver accepts.
-constexpr int kInlineEntries = 96;
+// A table passed by value. 96 entries are 3,840 bytes, which with the other arguments
+// stays under the 4 KB of kernel parameters that every driver accepts. CUDA 12.1 raised
+// the limit to 32,764 bytes on sm_70+ with a 12.1+ driver: every GPU and driver a CUDA
+// 13 build runs on, so such a build also has a 512-entry size (20,480 bytes).
+template <int N>
 struct InlineTable {
-  TensorEntry e[kInlineEntries];
+  TensorEntry e[N];
 };
+constexpr int kInlineSmall = 96;
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 13
+constexpr int kInlineLarge = 512;
+#else
+constexpr int kInlineLarge = 0;  // none
+#endif
 
 // __grid_constant__ (CUDA 11.7+, sm_70+) lets the kernels read a by-value table through a
 // pointer; without it each thread would first copy the table into its local memory.
@@ -271,8 +279,9 @@ reduce_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t 
   reduce_body(table, n_entries, n_chunks, partials, ticket, dot_out, rr_out, coef_out, flag, eps);
 }
 
+template <int N>
 __global__ void __launch_bounds__(kThreads)
-reduce_kernel_inline(const AGEM_GRID_CONSTANT InlineTable table, int64_t n_entries, int64_t n_chunks,
+reduce_kernel_inline(const AGEM_GRID_CONSTANT InlineTable<N> table, int64_t n_entries, int64_t n_chunks,
                      double2* __restrict__ partials, unsigned int* ticket, double* dot_out,
                      double* rr_out, double* coef_out, bool* flag, double eps) {
   reduce_body(table.e, n_entries, n_chunks, partials, ticket, dot_out, rr_out, coef_out, flag, eps);
@@ -302,8 +311,9 @@ update_kernel(const TensorEntry* __restrict__ table, int64_t n_entries, int64_t 
 
 // At least 4 blocks per SM (at most 64 registers): left free, ptxas gave this kernel 32
 // registers and an 8-byte spill on sm_80 (5 spilled too; 6 exceeds sm_75's 1024 threads).
+template <int N>
 __global__ void __launch_bounds__(kThreads, 4)
-update_kernel_inline(const AGEM_GRID_CONSTANT InlineTable table, int64_t n_entries,
+update_kernel_inline(const AGEM_GRID_CONSTANT InlineTable<N> table, int64_t n_entries,
                      int64_t n_pair_chunks, const double* coef, const bool* flag) {
   update_body(table.e, n_entries, n_pair_chunks, coef, flag);
 }
@@ -347,7 +357,7 @@ std::vector<at::Tensor>* const captured_tables = new std::vector<at::Tensor>();
 namespace {
 
 // How the table reaches the kernels: copied up from pinned memory (kUpload), or, when it
-// has at most kInlineEntries entries, inside the kernels' parameters (kInline). Read once
+// fits an InlineTable size, inside the kernels' parameters (kInline). Read once
 // from AGEM_FAST_CUDA_TABLE; tests and benchmarks switch it with set_cuda_table_route.
 enum Route : int { kRouteUnset = -1, kUpload = 0, kInline = 1 };
 std::atomic<int> route{kRouteUnset};
@@ -379,8 +389,8 @@ int current_route() {
 // pass 1 a workspace [ticket | per-chunk partials] whose ticket starts at zero.
 struct DeviceTable {
   at::Tensor workspace;
-  const TensorEntry* entries = nullptr;  // the table on the device; nullptr: `inline_table`
-  InlineTable inline_table;
+  const TensorEntry* entries = nullptr;  // the table on the device (upload route)
+  int inline_size = 0;                   // else the InlineTable size the kernels take
   int64_t n_entries = 0;
   unsigned int* ticket = nullptr;
   double2* partials = nullptr;
@@ -418,13 +428,12 @@ void upload(const Table& table, const at::Device& device, DeviceTable* dt) {
 DeviceTable prepare(const Table& table, const at::Device& device, bool with_partials) {
   DeviceTable dt;
   dt.n_entries = static_cast<int64_t>(table.entries.size());
-  if (current_route() != kInline || dt.n_entries > kInlineEntries) {
+  dt.inline_size = current_route() != kInline ? 0
+                   : dt.n_entries <= kInlineSmall ? kInlineSmall
+                   : dt.n_entries <= kInlineLarge ? kInlineLarge : 0;
+  if (dt.inline_size == 0) {
     upload(table, device, &dt);
     return dt;
-  }
-  std::memset(&dt.inline_table, 0, sizeof(InlineTable));
-  if (dt.n_entries > 0) {
-    std::memcpy(dt.inline_table.e, table.entries.data(), dt.n_entries * sizeof(TensorEntry));
   }
   if (with_partials) {  // [ticket (16 bytes) | partials], the ticket zeroed on the stream
     const int64_t bytes = 16 + table.total_chunks * static_cast<int64_t>(sizeof(double2));
@@ -438,17 +447,38 @@ DeviceTable prepare(const Table& table, const at::Device& device, bool with_part
   return dt;
 }
 
+// Calls fn with the table as an InlineTable of `size` entries (the rest zeroed).
+template <int N, typename Fn>
+void with_inline_table_of(const Table& table, Fn&& fn) {
+  InlineTable<N> t;
+  std::memset(&t, 0, sizeof(t));
+  if (!table.entries.empty()) std::memcpy(t.e, table.entries.data(), table.entries.size() * sizeof(TensorEntry));
+  fn(t);
+}
+
+template <typename Fn>
+void with_inline_table(const Table& table, int size, Fn&& fn) {
+  if (size == kInlineSmall) return with_inline_table_of<kInlineSmall>(table, fn);
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 13
+  if (size == kInlineLarge) return with_inline_table_of<kInlineLarge>(table, fn);
+#endif
+  TORCH_CHECK(false, "agem_fast: no inline table of ", size, " entries");
+}
+
 // Pass 1 into *dot, *rr, *coef and *flag.
 void launch_reduce(const Table& table, const DeviceTable& dt, const at::Device& device,
                    double* dot, double* rr, double* coef, bool* flag, double eps) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
-  if (dt.entries != nullptr) {
+  if (dt.inline_size == 0) {
     reduce_kernel<<<grid_for(table.total_chunks, device.index(), reduce_kernel), kThreads, 0, stream>>>(
         dt.entries, dt.n_entries, table.total_chunks, dt.partials, dt.ticket, dot, rr, coef, flag, eps);
   } else {
-    reduce_kernel_inline<<<grid_for(table.total_chunks, device.index(), reduce_kernel_inline), kThreads, 0,
-                           stream>>>(dt.inline_table, dt.n_entries, table.total_chunks, dt.partials,
-                                     dt.ticket, dot, rr, coef, flag, eps);
+    with_inline_table(table, dt.inline_size, [&](const auto& t) {
+      constexpr int N = sizeof(t.e) / sizeof(TensorEntry);
+      reduce_kernel_inline<N><<<grid_for(table.total_chunks, device.index(), reduce_kernel_inline<N>), kThreads,
+                                 0, stream>>>(t, dt.n_entries, table.total_chunks, dt.partials, dt.ticket, dot,
+                                              rr, coef, flag, eps);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -458,12 +488,15 @@ void launch_update(const Table& table, const DeviceTable& dt, const at::Device& 
                    const double* coef, const bool* flag) {
   if (table.pair_chunks == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
-  if (dt.entries != nullptr) {
+  if (dt.inline_size == 0) {
     update_kernel<<<grid_for(table.pair_chunks, device.index(), update_kernel), kThreads, 0, stream>>>(
         dt.entries, dt.n_entries, table.pair_chunks, coef, flag);
   } else {
-    update_kernel_inline<<<grid_for(table.pair_chunks, device.index(), update_kernel_inline), kThreads, 0,
-                           stream>>>(dt.inline_table, dt.n_entries, table.pair_chunks, coef, flag);
+    with_inline_table(table, dt.inline_size, [&](const auto& t) {
+      constexpr int N = sizeof(t.e) / sizeof(TensorEntry);
+      update_kernel_inline<N><<<grid_for(table.pair_chunks, device.index(), update_kernel_inline<N>), kThreads,
+                                 0, stream>>>(t, dt.n_entries, table.pair_chunks, coef, flag);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -479,6 +512,12 @@ at::Tensor new_flag(const at::Device& device) {
 }  // namespace
 
 const char* cuda_table_route() { return current_route() == kInline ? "inline" : "upload"; }
+
+std::vector<int64_t> cuda_inline_table_sizes() {
+  std::vector<int64_t> sizes{kInlineSmall};
+  if (kInlineLarge > 0) sizes.push_back(kInlineLarge);
+  return sizes;
+}
 
 void set_cuda_table_route(const std::string& name) {
   route.store(parse_route(name, "the CUDA table route"), std::memory_order_relaxed);
