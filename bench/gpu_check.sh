@@ -168,7 +168,7 @@ fi
 # ------------------------------------------------------------------ profile
 if has_stage profile; then
   note "profile -> $RES/profile.log"
-  timeout "$(bounded 90)" "$PY" bench/gpu_profile.py > "$RES/profile.log" 2>&1
+  timeout "$(bounded 150)" "$PY" bench/gpu_profile.py > "$RES/profile.log" 2>&1
   rc=$?
   STATUS[profile]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
 fi
