@@ -791,6 +791,7 @@ def run_device(
         "cuda": torch.version.cuda,
         "agem_fast": getattr(agem_fast, "__version__", "?"),
         "backend_info": _jsonable(info),
+        "cuda_table_route": _cuda_table_route() if device.type == "cuda" else None,
         "flush_bytes": flush.nbytes,
         "repeats": repeats,
         "warmup": warmup,
@@ -801,6 +802,17 @@ def run_device(
         "notes": notes,
         "seconds": time.time() - started,
     }
+
+
+def _cuda_table_route() -> Optional[str]:
+    """How the extension's CUDA kernels got their tensor table (AGEM_FAST_CUDA_TABLE)."""
+    try:
+        from agem_fast import _extension
+
+        module = _extension.load()
+        return module._cuda_table_route() if hasattr(module, "_cuda_table_route") else None
+    except Exception as exc:  # noqa: BLE001 - recorded, never fatal to a benchmark
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _jsonable(x):
