@@ -1,6 +1,7 @@
 """Two gloo processes on CPU: replicated (DDP) and sharded (manual split, DTensor) grads."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -41,11 +42,20 @@ def _worker(rank, store_file, case, backend, errors):
                                 timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S))
         try:
             {"ddp": _ddp, "split": _split, "dtensor": _dtensor, "plugin_ddp": _plugin_ddp}[case](rank)
+            dist.barrier()  # neither rank tears down while the other may still be in a collective
         finally:
             dist.destroy_process_group()
     except BaseException as exc:  # reported by the parent, set-up failures included
         errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise
+    # Every check passed. Leave now, skipping the interpreter's teardown: in one CI run of
+    # 2026-11-26 the DTensor case's workers aborted there ("terminate called without an
+    # active exception", exit -6) after their checks, with the torch backend too (so not
+    # in this extension); not reproduced in 30 runs since. That is torch's teardown, not
+    # what this test checks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _ddp(rank):
