@@ -137,8 +137,8 @@ def _sums(plan: Plan, packing: "_Packing | None" = None) -> Tuple[torch.Tensor, 
     dots: List[torch.Tensor] = []
     sqs: List[torch.Tensor] = []
     if not _packed_path(plan):
-        # One scratch buffer per accumulation dtype, sized once for the largest tensor
-        # (at most _PIECE elements): growing it call by call costs fresh pages.
+        # One scratch buffer per accumulation dtype, sized once for the largest tensor or
+        # batch (at most _PIECE elements): growing it call by call costs fresh pages.
         largest = 0  # (a loop: torch.compile of torch 2.13 cannot trace max(..., default=))
         for r in plan.refs + plan.ref_only:
             largest = max(largest, r.numel())

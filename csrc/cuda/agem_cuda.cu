@@ -447,12 +447,13 @@ DeviceTable prepare(const Table& table, const at::Device& device, bool with_part
   return dt;
 }
 
-// Calls fn with the table as an InlineTable of `size` entries (the rest zeroed).
+// Calls fn with the table as an InlineTable of `size` entries (the unused ones zeroed).
 template <int N, typename Fn>
 void with_inline_table_of(const Table& table, Fn&& fn) {
   InlineTable<N> t;
-  std::memset(&t, 0, sizeof(t));
-  if (!table.entries.empty()) std::memcpy(t.e, table.entries.data(), table.entries.size() * sizeof(TensorEntry));
+  const size_t n = table.entries.size();
+  if (n > 0) std::memcpy(t.e, table.entries.data(), n * sizeof(TensorEntry));
+  std::memset(t.e + n, 0, (N - n) * sizeof(TensorEntry));
   fn(t);
 }
 
