@@ -10,6 +10,13 @@ the projection and the memory update. The whole comparison runs `--rounds` times
 (interleaved) and every round is printed.
 
     python bench/e2e_plugin.py --out bench/results/e2e_plugin_cpu.json
+    python bench/e2e_plugin.py --device cuda --out bench/results/e2e_plugin_cuda.json
+
+On CUDA each run's total is a wall-clock time from a synchronised start to a
+synchronised end. The phases stay host times: each hook is timed until it returns,
+with no synchronisation added (that would change what is measured), so a hook that
+syncs (Avalanche's projection reads its dot product back to decide) also waits there
+for the GPU work queued before it, the backward pass included.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ class FloorPlugin(AGEMPlugin):
         if not self.buffers:
             return
         n = sum(min(len(b), self.sample_size // len(self.buffers)) for b in self.buffers)
-        x, y = self._floor_batch
+        x, y = (t.to(strategy.device) for t in self._floor_batch)
         self.floor_steps = getattr(self, "floor_steps", 0) + 1
         strategy.model.train()
         strategy.optimizer.zero_grad()
@@ -144,14 +151,17 @@ def run_variant(variant, args, experiences=None):
         train_mb_size=args.mb_size,
         train_epochs=1,
         eval_every=-1,
-        device="cpu",
+        device=args.device,
         plugins=plugins,
         evaluator=EvaluationPlugin(loggers=[]),
     )
     stream = benchmark.train_stream if experiences is None else benchmark.train_stream[:experiences]
+    sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
+    sync()
     c0, t0 = time.process_time(), time.perf_counter()
     for exp in stream:
         strategy.train(exp, num_workers=0)
+    sync()
     total = time.perf_counter() - t0
     cpu = time.process_time() - c0
     split = {
@@ -214,7 +224,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the strategy trains")
     args = ap.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
@@ -255,7 +269,7 @@ def main(argv=None):
             for v in variants
         ]
         table += "\n" + "\n".join(lines) + "\n" + phase_medians(rounds, variants)
-    device = torch.device("cpu")
+    device = args.device
     env = {
         "torch": torch.__version__,
         "agem_fast": agem_fast.__version__,
@@ -266,12 +280,15 @@ def main(argv=None):
         "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
     }
-    print(f"\nA-GEM end to end on cpu ({env['threads']} threads, backend {env['backend']}): "
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    where = env.get("gpu", "cpu")
+    print(f"\nA-GEM end to end on {where} ({env['threads']} CPU threads, backend {env['backend']}): "
           f"{args.experiences} exp x {args.samples} x {args.features}, "
           f"MLP {args.features}-512-512-10, mb {args.mb_size}, "
           f"patterns {args.patterns}, sample {args.sample_size}")
     print(table)
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    config = {k: str(v) if k == "device" else v for k, v in vars(args).items() if not k.startswith("_")}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": config, "env": env, "rounds": rounds, "markdown": table}, f, indent=2)

@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # All GPU validation and benchmarking of agem_fast in one call, for a lent GPU machine.
 #
-#   bench/gpu_check.sh                 # every stage: env build tests bench sanitize profile packlimit
+#   bench/gpu_check.sh                 # every stage: env build tests bench sanitize profile packlimit e2e
 #   bench/gpu_check.sh build,bench     # a subset (comma list), e.g. to split across calls
 #
 # From a session, through the device tool (one command, at most 10 minutes):
-#   run(command="bash bench/gpu_check.sh")
+#   bash bench/gpu_wheels.sh           # here first: Avalanche's wheels, into build/gpu_wheels
+#   run(command="bash bench/gpu_check.sh", carry=["build/gpu_wheels"])
 # The machine has no network: it uses the image's python3 (/opt/torch/.venv, which holds
-# torch, pytest, pytest-benchmark, hypothesis, matplotlib) with the repo on PYTHONPATH:
-# nothing is installed.
-# avalanche-lib is not there, so the benchmark's "avalanche" rows use the algorithm's
-# re-expression (agem_fast._baselines.avalanche_project_) and Avalanche tests skip.
+# torch, pytest, pytest-benchmark, hypothesis, matplotlib) with the repo on PYTHONPATH;
+# only the carried wheels (if any) are installed, into a scratch folder.
 #
 # Stages (each bounded by a timeout; all of them share a budget of GPU_CHECK_BUDGET
 # seconds, default 570, so one call ends inside the device tool's 600 s limit):
@@ -29,7 +28,13 @@
 #             extension and the flat floor (ResNet-18, ViT-B/16; fp32, bf16)
 #   packlimit bench/torch_pack_limit.py: the torch backend (the fallback without a CUDA
 #             toolkit) at pack limits 2^20..2^23, to choose _torch_backend._PACK_LIMIT
+#   e2e       bench/e2e_plugin.py --device cuda: Naive vs Avalanche's AGEMPlugin vs this
+#             plugin, end to end (needs Avalanche: see below)
 # (they run in that order: tests and benchmarks first, as they matter most.)
+# Avalanche is not on the GPU image: run `bash bench/gpu_wheels.sh` on the CPU machine
+# first and name build/gpu_wheels in the device tool's `carry` (about 26 MB); the wheels
+# are installed here into /tmp/agem_fast_gpu_site. Without them the Avalanche tests skip,
+# the bench's Avalanche rows use the algorithm's re-expression and e2e is not run.
 #
 # Everything is written to bench/results/gpu-<card>-<UTC date>/ (logs, nvidia-smi,
 # the benchmark's .json/.md/.png, summary.md). When $OUT is set (the device tool), the
@@ -40,7 +45,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
-STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,bench,sanitize,profile,packlimit}}"
+STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,bench,sanitize,profile,packlimit,e2e}}"
 BUDGET="${GPU_CHECK_BUDGET:-570}"
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1
@@ -55,7 +60,7 @@ bounded() { local l; l=$(left); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || ech
 CARD="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 CARD_SLUG="$(echo "${CARD:-unknown-gpu}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
 STAMP="$(date -u +%Y%m%d-%H%M)"
-RES="$REPO/bench/results/gpu-${CARD_SLUG}-${STAMP}"
+RES="${GPU_CHECK_RESULTS_DIR:-$REPO/bench/results}/gpu-${CARD_SLUG}-${STAMP}"  # (another folder: for tests)
 mkdir -p "$RES"
 SUMMARY="$RES/summary.md"
 declare -A STATUS
@@ -68,6 +73,30 @@ if [[ -z "$BASE_PY" ]]; then
   if [[ -x /opt/torch/.venv/bin/python3 ]]; then BASE_PY=/opt/torch/.venv/bin/python3; else BASE_PY="$(command -v python3)"; fi
 fi
 PY="$BASE_PY"
+
+# Avalanche, for the plugin's CUDA tests, the benchmark's real-plugin rows and the e2e
+# stage: wheels made on the CPU machine by bench/gpu_wheels.sh and carried
+# (build/gpu_wheels), installed into a scratch folder, kept only if Avalanche imports.
+AVALANCHE="not carried (run bench/gpu_wheels.sh here, then carry build/gpu_wheels)"
+if ! ls "$REPO"/build/gpu_wheels/*.whl > /dev/null 2>&1; then
+  :
+elif [[ ! ",$STAGES," =~ ,(tests|bench|e2e), ]]; then
+  AVALANCHE="carried, not installed (no stage of this call needs it)"
+else
+  SITE=/tmp/agem_fast_gpu_site
+  note "installing the carried wheels -> $RES/wheels.log"
+  if timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+       --target "$SITE" "$REPO"/build/gpu_wheels/*.whl > "$RES/wheels.log" 2>&1 &&
+     PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" timeout 120 "$PY" -W ignore -c \
+       "import avalanche.training, avalanche.benchmarks; from importlib.metadata import version; print('avalanche-lib', version('avalanche-lib'))" \
+       >> "$RES/wheels.log" 2>&1; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    AVALANCHE="$(tail -1 "$RES/wheels.log") from the carried wheels"
+  else
+    AVALANCHE="the carried wheels did not import, left out (wheels.log)"
+  fi
+fi
+note "avalanche: $AVALANCHE"
 
 # ------------------------------------------------------------------ env
 if has_stage env; then
@@ -83,6 +112,7 @@ if has_stage env; then
     command -v nvcc && nvcc --version
     command -v compute-sanitizer && compute-sanitizer --version
     "$BASE_PY" -m pip list 2>/dev/null | grep -i -E "^(torch|pytest|hypothesis|matplotlib|ninja|pybind11|setuptools|avalanche)" || true
+    echo "avalanche: $AVALANCHE"
     nproc; free -g
   } > "$RES/env.txt" 2>&1
   STATUS[env]=ok
@@ -181,14 +211,28 @@ if has_stage packlimit; then
   STATUS[packlimit]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
 fi
 
+# ------------------------------------------------------------------ e2e
+if has_stage e2e; then
+  if "$PY" -c "import avalanche" 2>/dev/null; then
+    note "e2e -> $RES/e2e_plugin_cuda.{json,md}, e2e.log"
+    timeout "$(bounded 150)" "$PY" bench/e2e_plugin.py --device cuda --rounds "${GPU_CHECK_E2E_ROUNDS:-5}" \
+      --out "$RES/e2e_plugin_cuda.json" > "$RES/e2e.log" 2>&1
+    rc=$?
+    STATUS[e2e]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+  else
+    STATUS[e2e]="not run: avalanche is $AVALANCHE"
+  fi
+fi
+
 # ------------------------------------------------------------------ summary
 {
   echo "# GPU check: ${CARD:-unknown GPU}, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
-  echo "Stages: $STAGES; $(( $(date +%s) - T0 )) s in all; results folder bench/results/$(basename "$RES")"
+  echo "Stages: $STAGES; $(( $(date +%s) - T0 )) s in all; results folder ${RES#"$REPO"/}"
   echo
   echo "| stage | status |"; echo "|---|---|"
-  for k in env build tests bench pytest-bench memcheck racecheck profile packlimit; do
+  echo; echo "avalanche: $AVALANCHE"; echo
+  for k in env build tests bench pytest-bench memcheck racecheck profile packlimit e2e; do
     [[ -n "${STATUS[$k]:-}" ]] && echo "| $k | ${STATUS[$k]} |"
   done
   if [[ -f "$RES/tests.log" ]]; then echo; echo '```'; tail -3 "$RES/tests.log"; echo '```'; fi
@@ -197,13 +241,14 @@ fi
   done
   if [[ -f "$RES/profile.log" ]]; then echo; echo "profile (bench/gpu_profile.py):"; echo '```'; cat "$RES/profile.log"; echo '```'; fi
   if [[ -f "$RES/packlimit.md" ]]; then echo; cat "$RES/packlimit.md"; fi
+  if [[ -f "$RES/e2e_plugin_cuda.md" ]]; then echo; echo "e2e (bench/e2e_plugin.py --device cuda):"; sed -n '/^Over /,$p' "$RES/e2e_plugin_cuda.md"; fi
   for md in "$RES/bench-cuda.md" "$RES/bench-cuda-tiny5000.md"; do
     if [[ -f "$md" ]]; then echo; echo "$(basename "$md"):"; sed -n '/^Targets:/,/^peak extra mem/p' "$md"; fi
   done
 } > "$SUMMARY"
 
 if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-  tar czf "$OUT/gpu-check-${CARD_SLUG}-${STAMP}.tar.gz" -C "$REPO/bench/results" "$(basename "$RES")"
+  tar czf "$OUT/gpu-check-${CARD_SLUG}-${STAMP}.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")"
   for f in summary.md bench-cuda.md bench-cuda.json bench-cuda.png bench-cuda-tiny5000.md bench-cuda-tiny5000.json nvidia-smi.txt; do
     [[ -f "$RES/$f" ]] && cp "$RES/$f" "$OUT/"
   done

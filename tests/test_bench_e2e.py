@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("avalanche")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+import agem_fast  # noqa: E402
 from bench import e2e_plugin  # noqa: E402
 
 pytestmark = [
@@ -17,15 +19,22 @@ pytestmark = [
 ]
 
 
-def test_e2e_script_runs_every_variant_and_counts_reference_steps(tmp_path, capsys):
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+])
+def test_e2e_script_runs_every_variant_and_counts_reference_steps(tmp_path, capsys, device):
     out = tmp_path / "e2e.json"
     # 3 experiences of 64 samples, batches of 16: 4 iterations each; the first
     # experience has no memory yet, so 2 x 4 = 8 reference steps.
     e2e_plugin.main([
         "--rounds", "2", "--experiences", "3", "--samples", "64", "--features", "12",
         "--mb-size", "16", "--patterns", "10", "--sample-size", "12", "--out", str(out),
+        "--device", device,
     ])
     result = json.loads(out.read_text())
+    assert result["config"]["device"] == device
+    assert result["env"]["backend"] == agem_fast._api.backend_for(torch.device(device))
     assert len(result["rounds"]) == 2
     for rnd in result["rounds"]:
         assert set(rnd) == set(e2e_plugin.VARIANTS)

@@ -115,7 +115,7 @@ class RecordingAvalancheAGEM(AvalancheAGEMPlugin):
             mb = original()
             batches.append([t.clone() for t in mb])
             # after the loader's seed draw, before dropout in the reference forward
-            rng.append(torch.get_rng_state())
+            rng.append(rng_states())
             return mb
 
         self.sample_from_memory = recording_sample
@@ -146,12 +146,25 @@ class RecordingAvalancheAGEM(AvalancheAGEMPlugin):
         super().after_training_exp(strategy, **kwargs)
 
 
-def record_avalanche_run(benchmark, model, ppe, sample_size, epochs=2, mb=20, seed=0):
+def rng_states():
+    """The generators dropout may draw from: the CPU's, and the GPU's when there is one."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def set_rng_states(states):
+    cpu, gpu = states
+    torch.set_rng_state(cpu)
+    if gpu is not None:
+        torch.cuda.set_rng_state(gpu)
+
+
+def record_avalanche_run(benchmark, model, ppe, sample_size, epochs=2, mb=20, seed=0, device="cpu"):
     torch.manual_seed(seed)
     random.seed(seed)
     rec = RecordingAvalancheAGEM(ppe, sample_size)
     strategy = Naive(
         model=model,
+        device=device,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
         criterion=nn.CrossEntropyLoss(),
         train_mb_size=mb,
@@ -193,7 +206,7 @@ def replay(events, plugin, device="cpu"):
         def recording_sample():
             mb = original()
             got.append(mb)
-            torch.set_rng_state(ev["rng"])  # same dropout masks as Avalanche's pass
+            set_rng_states(ev["rng"])  # same dropout masks as Avalanche's pass
             return mb
 
         plugin.sample_from_memory = recording_sample
@@ -226,27 +239,35 @@ def replay(events, plugin, device="cpu"):
 # --------------------------------------------------------------------- step parity
 # sample_size 25 with 30 patterns per experience: 25, 12, 8, 6, 5 per experience,
 # so the walks end with shorter chunks and wrap around many times.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("memory", ["tensor", "dataset"])
-def test_step_parity_single_head(memory):
+def test_step_parity_single_head(memory, device):
     benchmark = make_benchmark(seed=1, transform=affine)
     torch.manual_seed(1)
-    events = record_avalanche_run(benchmark, SimpleMLP(N_CLASSES, N_FEATURES, 32), 30, 25)
+    events = record_avalanche_run(benchmark, SimpleMLP(N_CLASSES, N_FEATURES, 32), 30, 25, device=device)
     ours = AGEMPlugin(30, 25, memory=memory)
-    n_steps, n_projected = replay(events, ours)
+    n_steps, n_projected = replay(events, ours, device)
     assert n_steps == 4 * 2 * 4  # experiences 2..5, 2 epochs, 80 patterns / 20
     assert n_projected > 0
     assert len(ours.buffers) == 5 and all(len(b) == 30 for b in ours.buffers)
     if memory == "tensor":
         assert all(isinstance(b, TensorMemory) for b in ours.buffers)
+        assert all(b.device.type == device for b in ours.buffers)
+    assert ours.reference_gradients.device.type == device
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("memory", ["tensor", "dataset"])
-def test_step_parity_multi_head_task_labels(memory):
+def test_step_parity_multi_head_task_labels(memory, device):
     benchmark = make_benchmark(seed=2, task_labels=True)
     torch.manual_seed(2)
-    events = record_avalanche_run(benchmark, MTSimpleMLP(N_FEATURES, 32), 30, 25)
+    events = record_avalanche_run(benchmark, MTSimpleMLP(N_FEATURES, 32), 30, 25, device=device)
     ours = AGEMPlugin(30, 25, memory=memory)
-    n_steps, n_projected = replay(events, ours)
+    n_steps, n_projected = replay(events, ours, device)
     assert n_steps == 32 and n_projected > 0
     # the memory holds every earlier task and routes each sample to its head
     assert ours.buffers[-1][0][-1] == 4
