@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # All GPU validation and benchmarking of agem_fast in one call, for a lent GPU machine.
 #
-#   bench/gpu_check.sh                 # every stage: env build tests bench sanitize profile packlimit e2e
+#   bench/gpu_check.sh                 # every stage: env build tests bench sanitize profile e2e packlimit
 #   bench/gpu_check.sh build,bench     # a subset (comma list), e.g. to split across calls
 #
 # From a session, through the device tool (one command, at most 10 minutes):
@@ -26,10 +26,10 @@
 #             (PyTorch's caching allocator off, so each tensor is its own allocation)
 #   profile   bench/gpu_profile.py: host time, call time and per-kernel device time of the
 #             extension and the flat floor (ResNet-18, ViT-B/16; fp32, bf16)
-#   packlimit bench/torch_pack_limit.py: the torch backend (the fallback without a CUDA
-#             toolkit) at pack limits 2^20..2^23, to choose _torch_backend._PACK_LIMIT
 #   e2e       bench/e2e_plugin.py --device cuda: Naive vs Avalanche's AGEMPlugin vs this
 #             plugin, end to end (needs Avalanche: see below)
+#   packlimit bench/torch_pack_limit.py: the torch backend (the fallback without a CUDA
+#             toolkit) at pack limits 2^20..2^23, to choose _torch_backend._PACK_LIMIT
 # (they run in that order: tests and benchmarks first, as they matter most.)
 # Avalanche is not on the GPU image: run `bash bench/gpu_wheels.sh` on the CPU machine
 # first and name build/gpu_wheels in the device tool's `carry` (about 26 MB); the wheels
@@ -45,7 +45,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
-STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,bench,sanitize,profile,packlimit,e2e}}"
+STAGES="${1:-${GPU_CHECK_STAGES:-env,build,tests,bench,sanitize,profile,e2e,packlimit}}"
 BUDGET="${GPU_CHECK_BUDGET:-570}"
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1
@@ -140,7 +140,7 @@ if ! "$PY" -c "import agem_fast" 2>/dev/null; then export PYTHONPATH="$REPO${PYT
 # ------------------------------------------------------------------ tests
 if has_stage tests; then
   note "tests -> $RES/tests.log"
-  AGEM_FAST_STRICT=1 timeout "$(bounded 150)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
+  AGEM_FAST_STRICT=1 timeout "$(bounded 210)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
     --junitxml="$RES/tests-junit.xml" > "$RES/tests.log" 2>&1
   rc=$?
   STATUS[tests]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
@@ -203,14 +203,6 @@ if has_stage profile; then
   STATUS[profile]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
 fi
 
-# ------------------------------------------------------------------ packlimit
-if has_stage packlimit; then
-  note "packlimit -> $RES/packlimit.md"
-  timeout "$(bounded 60)" "$PY" bench/torch_pack_limit.py > "$RES/packlimit.md" 2> "$RES/packlimit.log"
-  rc=$?
-  STATUS[packlimit]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
-fi
-
 # ------------------------------------------------------------------ e2e
 if has_stage e2e; then
   if "$PY" -c "import avalanche" 2>/dev/null; then
@@ -224,6 +216,14 @@ if has_stage e2e; then
   fi
 fi
 
+# ------------------------------------------------------------------ packlimit
+if has_stage packlimit; then
+  note "packlimit -> $RES/packlimit.md"
+  timeout "$(bounded 60)" "$PY" bench/torch_pack_limit.py > "$RES/packlimit.md" 2> "$RES/packlimit.log"
+  rc=$?
+  STATUS[packlimit]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
+fi
+
 # ------------------------------------------------------------------ summary
 {
   echo "# GPU check: ${CARD:-unknown GPU}, $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -232,7 +232,7 @@ fi
   echo
   echo "| stage | status |"; echo "|---|---|"
   echo; echo "avalanche: $AVALANCHE"; echo
-  for k in env build tests bench pytest-bench memcheck racecheck profile packlimit e2e; do
+  for k in env build tests bench pytest-bench memcheck racecheck profile e2e packlimit; do
     [[ -n "${STATUS[$k]:-}" ]] && echo "| $k | ${STATUS[$k]} |"
   done
   if [[ -f "$RES/tests.log" ]]; then echo; echo '```'; tail -3 "$RES/tests.log"; echo '```'; fi

@@ -12,6 +12,9 @@ Per workload and dtype, for each implementation (medians over the calls):
 - the kernels and copies torch.profiler saw, with their device time;
 - the host-side calls (aten ops, CUDA runtime) that take the most host time per call
   (inflated by the profiler itself: compare them with each other, not with `host`).
+Both times are also given as a rate, counting 5s bytes per parameter (every call
+projects), and as a percentage of the device-to-device copy bandwidth measured at the
+start of the same run (bench.harness.copy_bandwidth), as bench.run's tables count them.
 Each call restores the gradients first, so every call projects. The extension is
 profiled once per way its kernels can get the tensor table (`--routes`: copied up from
 pinned memory, or inside the kernels' parameters; see csrc/cuda/agem_cuda.cu).
@@ -21,13 +24,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import agem_fast
 from agem_fast._baselines import FlatFloor
 from agem_fast._workloads import flat_buffer, make_grads, shapes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+from bench.harness import bytes_per_param, copy_bandwidth  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,7 +74,13 @@ def _sleep_cycles(seconds: float) -> int:
         cycles *= 2
 
 
-def _profile(name, call, restore, flush, calls):
+def rate(nbytes: int, seconds: float, copy_gbps: float) -> str:
+    """`nbytes` moved in `seconds`, as GB/s and as a share of the copy bandwidth."""
+    gbps = nbytes / seconds / 1e9
+    return f"{gbps:6.0f} GB/s {100 * gbps / copy_gbps:3.0f}%"
+
+
+def _profile(name, call, restore, flush, calls, nbytes, copy_gbps):
     host, idle = _timed(call, restore, flush, calls)
     # Busy for 3x the host time plus 1 ms: the whole call is queued before the GPU gets to it.
     _, busy = _timed(call, restore, flush, calls, busy_cycles=_sleep_cycles(3 * host + 1e-3))
@@ -96,7 +110,8 @@ def _profile(name, call, restore, flush, calls):
         for mine, per_session in ((dev, device), (hst, host_side)):
             for key, (us, n) in mine.items():
                 per_session.setdefault(key, []).append((us * 1e-6, n))
-    print(f"  {name:10s} host {host * 1e6:7.1f} us   call {idle * 1e6:7.1f} us   busy {busy * 1e6:7.1f} us"
+    print(f"  {name:10s} host {host * 1e6:7.1f} us   call {idle * 1e6:7.1f} us ({rate(nbytes, idle, copy_gbps)})"
+          f"   busy {busy * 1e6:7.1f} us ({rate(nbytes, busy, copy_gbps)})"
           f"   (GPU waited for the host: {(idle - busy) * 1e6:6.1f} us)")
     print("    device, per call (median of the profiled calls):")
     _print_top(device, limit=None)
@@ -134,6 +149,9 @@ def main(argv=None) -> int:
         scratch.fill_(1)
 
     agem_fast.project_([torch.zeros(1, device=dev)], [torch.zeros(1, device=dev)])  # load/build once
+    copy_gbps = copy_bandwidth(dev)["gbps"]
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (bytes read + written); rates below count "
+          "5s bytes per parameter")
     from agem_fast import _extension
 
     module = _extension.load()
@@ -151,6 +169,7 @@ def main(argv=None) -> int:
                     p.grad.copy_(s)
 
             floor = FlatFloor.from_tensors(saved, refs)
+            nbytes = sum(bytes_per_param(s.dtype, projecting=True) * s.numel() for s in saved)
             print(f"{wl} {dt}: {len(params)} tensors, {sum(s.numel() for s in saved) / 1e6:.1f}M elements")
             for route in routes:
                 if route == "inline" and len(params) > inline_max:
@@ -159,9 +178,9 @@ def main(argv=None) -> int:
                 if route is not None:
                     module._set_cuda_table_route(route)
                 _profile(f"ext {route}" if route else "extension", lambda: agem_fast.project_(params, flat),
-                         restore, flush, args.calls)
+                         restore, flush, args.calls, nbytes, copy_gbps)
             _profile("floor", lambda: floor(projects=True), lambda: floor.g.copy_(floor.r).neg_(), flush,
-                     args.calls)
+                     args.calls, nbytes, copy_gbps)
             if default_route is not None:
                 module._set_cuda_table_route(default_route)
             del params, refs, flat, saved, floor
