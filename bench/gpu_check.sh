@@ -7,12 +7,14 @@
 # From a session, through the device tool (one command, at most 10 minutes):
 #   bash bench/gpu_wheels.sh           # here first: Avalanche's wheels, into build/gpu_wheels
 #   run(command="bash bench/gpu_check.sh", carry=["build/gpu_wheels"])
+# (15 device-minutes do not hold every stage: bench/README.md's runbook splits them in two calls)
 # The machine has no network: it uses the image's python3 (/opt/torch/.venv, which holds
 # torch, pytest, pytest-benchmark, hypothesis, matplotlib) with the repo on PYTHONPATH;
 # only the carried wheels (if any) are installed, into a scratch folder.
 #
 # Stages (each bounded by a timeout; all of them share a budget of GPU_CHECK_BUDGET
-# seconds, default 570, so one call ends inside the device tool's 600 s limit):
+# seconds, default 570, so one call ends inside the device tool's 600 s limit; a stage
+# the budget no longer fits is recorded as not run; the wheels' install has its own 2 min):
 #   env       nvidia-smi (+ -q), python/torch/nvcc versions, `python -m agem_fast info`
 #   build     `python -m agem_fast build` (AGEM_FAST_STRICT=1);
 #             the extension cache is build/torch_extensions (ignored by git, so a warm
@@ -67,6 +69,49 @@ declare -A STATUS
 
 note() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*"; }
 
+# publish [final]: (re)writes summary.md and, under the device tool, copies it, the main
+# result files and a .tar.gz of the whole folder to $OUT. Run after every stage, so that
+# a call cut short by the tool still brings back what the stages before had found.
+publish() {
+  {
+    echo "# GPU check: ${CARD:-unknown GPU}, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Stages: $STAGES; $(( $(date +%s) - T0 )) s in all; results folder ${RES#"$REPO"/}"
+    echo
+    echo "avalanche: $AVALANCHE"
+    echo
+    echo "| stage | status |"; echo "|---|---|"
+    for k in env build tests bench pytest-bench memcheck racecheck profile e2e packlimit; do
+      [[ -n "${STATUS[$k]:-}" ]] && echo "| $k | ${STATUS[$k]} |"
+    done
+    if [[ -f "$RES/tests.log" ]]; then echo; echo '```'; tail -3 "$RES/tests.log"; echo '```'; fi
+    for tool in memcheck racecheck; do
+      if [[ -f "$RES/$tool.log" ]]; then echo; echo "$tool:"; echo '```'; grep -E "ERROR SUMMARY|sanitize case|FAIL" "$RES/$tool.log" | tail -5; echo '```'; fi
+    done
+    if [[ -f "$RES/profile.log" ]]; then echo; echo "profile (bench/gpu_profile.py):"; echo '```'; cat "$RES/profile.log"; echo '```'; fi
+    if [[ -f "$RES/packlimit.md" ]]; then echo; cat "$RES/packlimit.md"; fi
+    if [[ -f "$RES/e2e_plugin_cuda.md" ]]; then echo; echo "e2e (bench/e2e_plugin.py --device cuda):"; sed -n '/^Over /,$p' "$RES/e2e_plugin_cuda.md"; fi
+    for md in "$RES/bench-cuda.md" "$RES/bench-cuda-tiny5000.md"; do
+      if [[ -f "$md" ]]; then echo; echo "$(basename "$md"):"; sed -n '/^Targets:/,/^peak extra mem/p' "$md"; fi
+    done
+  } > "$SUMMARY"
+
+  if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+    tar czf "$OUT/gpu-check-${CARD_SLUG}-${STAMP}.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")"
+    for f in summary.md bench-cuda.md bench-cuda.json bench-cuda.png bench-cuda-tiny5000.md bench-cuda-tiny5000.json nvidia-smi.txt; do
+      [[ -f "$RES/$f" ]] && cp "$RES/$f" "$OUT/"
+    done
+    [[ "${1:-}" == final ]] && note "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+  fi
+}
+
+# want <stage> <seconds>: the stage was asked for and at least that much of the budget is
+# left; a stage squeezed out by the budget is recorded as not run, not as failed.
+want() {
+  has_stage "$1" || return 1
+  if (( $(left) < $2 )); then STATUS[$1]="not run: out of time budget"; return 1; fi
+}
+
 # Python: the image's interpreter, then whatever python3 is on PATH.
 BASE_PY="${PYTHON:-}"
 if [[ -z "$BASE_PY" ]]; then
@@ -85,9 +130,9 @@ elif [[ ! ",$STAGES," =~ ,(tests|bench|e2e), ]]; then
 else
   SITE=/tmp/agem_fast_gpu_site
   note "installing the carried wheels -> $RES/wheels.log"
-  if timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  if timeout -k 10 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
        --target "$SITE" "$REPO"/build/gpu_wheels/*.whl > "$RES/wheels.log" 2>&1 &&
-     PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" timeout 120 "$PY" -W ignore -c \
+     PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 120 "$PY" -W ignore -c \
        "import avalanche.training, avalanche.benchmarks; from importlib.metadata import version; print('avalanche-lib', version('avalanche-lib'))" \
        >> "$RES/wheels.log" 2>&1; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -119,14 +164,14 @@ if has_stage env; then
 fi
 
 # ------------------------------------------------------------------ build
-if has_stage build; then
+if want build 60; then
   note "build -> $RES/build.log"
   # The repo on PYTHONPATH (no venv, no install): nothing to set up on a bare machine.
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
   echo "python for the checks: $PY (PYTHONPATH=$PYTHONPATH)" > "$RES/build.log"
   {
     echo "--- python -m agem_fast build (AGEM_FAST_STRICT=1)"
-    AGEM_FAST_STRICT=1 timeout "$(bounded 330)" "$PY" -m agem_fast build
+    AGEM_FAST_STRICT=1 timeout -k 10 "$(bounded 330)" "$PY" -m agem_fast build
     echo "build rc=$?"
     echo "--- python -m agem_fast info"
     "$PY" -m agem_fast info
@@ -137,37 +182,41 @@ fi
 # Without the build stage, still make sure the repo is importable.
 if ! "$PY" -c "import agem_fast" 2>/dev/null; then export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; fi
 
+publish
+
 # ------------------------------------------------------------------ tests
-if has_stage tests; then
+if want tests 40; then
   note "tests -> $RES/tests.log"
-  AGEM_FAST_STRICT=1 timeout "$(bounded 210)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
+  AGEM_FAST_STRICT=1 timeout -k 10 "$(bounded 210)" "$PY" -m pytest tests -k cuda -q -p no:cacheprovider -rs \
     --junitxml="$RES/tests-junit.xml" > "$RES/tests.log" 2>&1
   rc=$?
   STATUS[tests]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
   tail -3 "$RES/tests.log"
 fi
 
+publish
+
 # ------------------------------------------------------------------ bench
-if has_stage bench; then
+if want bench 40; then
   note "bench -> $RES/bench-cuda{,-tiny5000}.{json,md,png}, bench.log"
   if [[ "${GPU_CHECK_FULL:-0}" == 1 ]]; then
-    timeout "$(bounded 400)" "$PY" -m bench.run --devices cuda --out "$RES" --name bench-cuda \
+    timeout -k 10 "$(bounded 400)" "$PY" -m bench.run --devices cuda --out "$RES" --name bench-cuda \
       > "$RES/bench-cuda.stdout.md" 2> "$RES/bench.log"
     rc=$?
   else
     # --quick, with tiny5000 in fp32 only: its torch-backend rows (0.3-0.5 s a call)
     # took 70 of the 120 s of a quick run with all three dtypes.
-    timeout "$(bounded 150)" "$PY" -m bench.run --devices cuda --quick --workloads resnet18,vit_b_16,gpt2,llama_1b \
+    timeout -k 10 "$(bounded 150)" "$PY" -m bench.run --devices cuda --quick --workloads resnet18,vit_b_16,gpt2,llama_1b \
       --out "$RES" --name bench-cuda > "$RES/bench-cuda.stdout.md" 2> "$RES/bench.log"
     rc=$?
-    timeout "$(bounded 60)" "$PY" -m bench.run --devices cuda --quick --workloads tiny5000 --dtypes fp32 \
+    timeout -k 10 "$(bounded 60)" "$PY" -m bench.run --devices cuda --quick --workloads tiny5000 --dtypes fp32 \
       --out "$RES" --name bench-cuda-tiny5000 > "$RES/bench-cuda-tiny5000.stdout.md" 2>> "$RES/bench.log"
     rc=$(( rc | $? ))
   fi
   STATUS[bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
   if (( $(left) > 240 )); then
     note "pytest-benchmark microbenchmarks (cuda) -> $RES/pytest-bench.log"
-    AGEM_BENCH_DEVICES=cuda AGEM_BENCH_ROUNDS=10 timeout "$(bounded 60)" "$PY" -m pytest bench -q -p no:cacheprovider \
+    AGEM_BENCH_DEVICES=cuda AGEM_BENCH_ROUNDS=10 timeout -k 10 "$(bounded 60)" "$PY" -m pytest bench -q -p no:cacheprovider \
       --benchmark-columns=median,iqr,rounds --benchmark-json="$RES/pytest-bench.json" > "$RES/pytest-bench.log" 2>&1
     rc=$?
     STATUS[pytest-bench]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
@@ -176,14 +225,17 @@ if has_stage bench; then
   fi
 fi
 
+publish
+
 # ------------------------------------------------------------------ sanitize
-if has_stage sanitize; then
+if has_stage sanitize; then  # (memcheck and racecheck check time themselves)
   if command -v compute-sanitizer > /dev/null; then
     for tool in memcheck racecheck; do
+      if (( $(left) < 20 )); then STATUS[$tool]="not run: out of time budget"; continue; fi
       note "sanitize $tool -> $RES/$tool.log"
       extra=()
       [[ $tool == memcheck ]] && extra=(--leak-check no)
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 AGEM_FAST_BACKEND=extension timeout "$(bounded 90)" \
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 AGEM_FAST_BACKEND=extension timeout -k 10 "$(bounded 90)" \
         compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 99 \
         "$PY" bench/cuda_sanitize_case.py > "$RES/$tool.log" 2>&1
       rc=$?
@@ -195,19 +247,23 @@ if has_stage sanitize; then
   fi
 fi
 
+publish
+
 # ------------------------------------------------------------------ profile
-if has_stage profile; then
+if want profile 30; then
   note "profile -> $RES/profile.log"
-  timeout "$(bounded 150)" "$PY" bench/gpu_profile.py > "$RES/profile.log" 2>&1
+  timeout -k 10 "$(bounded 150)" "$PY" bench/gpu_profile.py > "$RES/profile.log" 2>&1
   rc=$?
   STATUS[profile]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
 fi
 
+publish
+
 # ------------------------------------------------------------------ e2e
-if has_stage e2e; then
+if want e2e 30; then
   if "$PY" -c "import avalanche" 2>/dev/null; then
     note "e2e -> $RES/e2e_plugin_cuda.{json,md}, e2e.log"
-    timeout "$(bounded 150)" "$PY" bench/e2e_plugin.py --device cuda --rounds "${GPU_CHECK_E2E_ROUNDS:-5}" \
+    timeout -k 10 "$(bounded 150)" "$PY" bench/e2e_plugin.py --device cuda --rounds "${GPU_CHECK_E2E_ROUNDS:-5}" \
       --out "$RES/e2e_plugin_cuda.json" > "$RES/e2e.log" 2>&1
     rc=$?
     STATUS[e2e]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
@@ -216,44 +272,18 @@ if has_stage e2e; then
   fi
 fi
 
+publish
+
 # ------------------------------------------------------------------ packlimit
-if has_stage packlimit; then
+if want packlimit 20; then
   note "packlimit -> $RES/packlimit.md"
-  timeout "$(bounded 60)" "$PY" bench/torch_pack_limit.py > "$RES/packlimit.md" 2> "$RES/packlimit.log"
+  timeout -k 10 "$(bounded 60)" "$PY" bench/torch_pack_limit.py > "$RES/packlimit.md" 2> "$RES/packlimit.log"
   rc=$?
   STATUS[packlimit]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
 fi
 
 # ------------------------------------------------------------------ summary
-{
-  echo "# GPU check: ${CARD:-unknown GPU}, $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo
-  echo "Stages: $STAGES; $(( $(date +%s) - T0 )) s in all; results folder ${RES#"$REPO"/}"
-  echo
-  echo "| stage | status |"; echo "|---|---|"
-  echo; echo "avalanche: $AVALANCHE"; echo
-  for k in env build tests bench pytest-bench memcheck racecheck profile e2e packlimit; do
-    [[ -n "${STATUS[$k]:-}" ]] && echo "| $k | ${STATUS[$k]} |"
-  done
-  if [[ -f "$RES/tests.log" ]]; then echo; echo '```'; tail -3 "$RES/tests.log"; echo '```'; fi
-  for tool in memcheck racecheck; do
-    if [[ -f "$RES/$tool.log" ]]; then echo; echo "$tool:"; echo '```'; grep -E "ERROR SUMMARY|sanitize case|FAIL" "$RES/$tool.log" | tail -5; echo '```'; fi
-  done
-  if [[ -f "$RES/profile.log" ]]; then echo; echo "profile (bench/gpu_profile.py):"; echo '```'; cat "$RES/profile.log"; echo '```'; fi
-  if [[ -f "$RES/packlimit.md" ]]; then echo; cat "$RES/packlimit.md"; fi
-  if [[ -f "$RES/e2e_plugin_cuda.md" ]]; then echo; echo "e2e (bench/e2e_plugin.py --device cuda):"; sed -n '/^Over /,$p' "$RES/e2e_plugin_cuda.md"; fi
-  for md in "$RES/bench-cuda.md" "$RES/bench-cuda-tiny5000.md"; do
-    if [[ -f "$md" ]]; then echo; echo "$(basename "$md"):"; sed -n '/^Targets:/,/^peak extra mem/p' "$md"; fi
-  done
-} > "$SUMMARY"
-
-if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-  tar czf "$OUT/gpu-check-${CARD_SLUG}-${STAMP}.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")"
-  for f in summary.md bench-cuda.md bench-cuda.json bench-cuda.png bench-cuda-tiny5000.md bench-cuda-tiny5000.json nvidia-smi.txt; do
-    [[ -f "$RES/$f" ]] && cp "$RES/$f" "$OUT/"
-  done
-  note "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
-fi
+publish final
 
 echo
 cat "$SUMMARY"

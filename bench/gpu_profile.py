@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-import agem_fast
-from agem_fast._baselines import FlatFloor
-from agem_fast._workloads import flat_buffer, make_grads, shapes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, as a script too
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+import agem_fast  # noqa: E402
+from agem_fast._baselines import FlatFloor  # noqa: E402
+from agem_fast._workloads import flat_buffer, make_grads, shapes  # noqa: E402
 from bench.harness import bytes_per_param, copy_bandwidth  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -813,7 +813,7 @@ def test_load_state_dict_rejects_other_configuration():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("memory", ["tensor", "dataset"])
-def test_memory_follows_strategy_device_after_load(memory):
+def test_memory_follows_strategy_device_after_load_cuda(memory):
     """Memory saved on the CPU moves to the strategy's device on first use."""
     plugin = AGEMPlugin(5, 5, memory=memory)
     plugin.update_memory(make_dataset(torch.randn(6, 3), torch.arange(6) % 2))
