@@ -141,6 +141,15 @@ def _is_multi_task_module(model) -> bool:
     return isinstance(model, DistributedDataParallel) and isinstance(model.module, _MULTI_TASK_TYPES)
 
 
+def _indexed(device) -> torch.device:
+    """`device` with its index: tensors report cuda:0, strategies often say cuda, and the
+    two compare unequal (the memory would be moved, to where it already is, every step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _forward(model, x, task_labels):
     """`avalanche_forward`: multi-task modules get the task labels, others only x."""
     if _is_multi_task_module(model):
@@ -338,7 +347,7 @@ class AGEMPlugin(_PluginBase):
         device = getattr(strategy, "device", None)
         if device is None:
             device = next(model.parameters()).device
-        device = torch.device(device)
+        device = _indexed(device)
         self._to_device(device)
         model.train()
         strategy.optimizer.zero_grad()
@@ -369,7 +378,7 @@ class AGEMPlugin(_PluginBase):
     def after_training_exp(self, strategy, **kwargs):
         """Add patterns of the experience just trained on to the memory."""
         if getattr(strategy, "device", None) is not None:
-            self._device = torch.device(strategy.device)
+            self._device = _indexed(strategy.device)
         self.update_memory(strategy.experience.dataset, **kwargs)
 
     # ------------------------------------------------------------------ memory

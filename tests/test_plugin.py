@@ -836,6 +836,22 @@ def test_memory_follows_strategy_device_after_load_cuda(memory):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_memory_stays_put_when_the_strategy_says_cuda_without_index(monkeypatch):
+    """strategy.device "cuda" and the memory's cuda:0 are the same place: nothing moves."""
+    plugin = AGEMPlugin(5, 5)
+    model = nn.Linear(3, 2).cuda()
+    strategy = fake_strategy(model, "cuda")
+    strategy.experience = SimpleNamespace(dataset=make_dataset(torch.randn(6, 3), torch.arange(6) % 2))
+    plugin.after_training_exp(strategy)
+    assert plugin.buffers[0].device == torch.device("cuda", torch.cuda.current_device())
+    moves = []
+    monkeypatch.setattr(TensorMemory, "to", lambda self, device: moves.append(device) or self)
+    for _ in range(3):
+        plugin.before_training_iteration(strategy)
+    assert moves == []
+
+
 # ------------------------------------------------------------ without Avalanche
 README_EXAMPLE = textwrap.dedent(
     """
