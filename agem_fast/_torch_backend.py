@@ -28,8 +28,9 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # On the CPU, <g,r> and <r,r> are summed per row of _ROW elements with torch's own
 # reductions (a product into a buffer of _PIECE elements, then one sum per row), and
 # the row partials are added in fp64 in index order. Each row is summed whole by one
-# thread (torch parallelises a reduction over its output rows), so the bits never
-# depend on the thread count, as DESIGN section 1 asks. Not BLAS: sdot splits a long
+# thread (torch parallelises a reduction over its output rows, and splits a single
+# output's inputs only past its grain size, 32,768), so the bits never depend on the
+# thread count, as DESIGN section 1 asks. Not BLAS: sdot splits a long
 # vector over threads (its bits change with torch.set_num_threads) and accumulates it
 # in a few fp32 lanes; a matmul may round fp32 inputs to bf16/tf32 when
 # torch.set_float32_matmul_precision allows it.
@@ -83,10 +84,10 @@ def _row_sums_cpu(g: torch.Tensor | None, r: torch.Tensor, dots: list, sqs: list
     n = r.numel()
     g = g.view(-1) if g is not None else None
     r = r.view(-1)
-    if n <= _ROW:  # one row (most tensors of a model)
+    if n <= _ROW:  # one row. Not vecdot: that is a BLAS dot, threaded from 4,096 fp64 elements
         if g is not None:
-            dots.append(torch.linalg.vecdot(g, r))
-        sqs.append(torch.linalg.vecdot(r, r))
+            dots.append(torch.sum(torch.mul(g, r, out=buf[:n])))
+        sqs.append(torch.sum(torch.mul(r, r, out=buf[:n])))
         return
     # One partial per row, written in place; then one per tensor, so temporaries never
     # grow with the size of the model.

@@ -857,6 +857,31 @@ def test_cpu_bitwise_identical_for_any_thread_count(threads, backend):
         assert (a is None and b is None) or torch.equal(a, b), f"params[{i}].grad"
 
 
+@pytest.mark.parametrize("sizes", [(4096,), (4095,), (4097,), (1024,) * 4, (8192,), (1 << 16,)],
+                         ids=lambda s: "+".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_bitwise_identical_for_any_thread_count_at_row_sizes(sizes, dtype, backend):
+    """The sizes where the torch backend's CPU sums change shape: one row (4,096 elements:
+    a CPU BLAS dot splits exactly that many fp64 elements over threads, so the one-row sums
+    must not be BLAS), several rows, a batch of small tensors filling one row, a full batch."""
+    if backend == "torch-packed":
+        pytest.skip("the GPU path: deterministic run to run on one device, not across CPU thread counts")
+    case = build_case([Spec((n,), dtype) for n in sizes], 7, alpha=-0.4, device="cpu")
+    saved = [p.grad.clone() for p in case.params]
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for p, g in zip(case.params, saved):
+                p.grad.copy_(g)
+            res = agem_fast.project_(case.params, case.ref_arg)
+            outs.append([bits(res.dot), bits(res.ref_sq_norm)] + [bits(p.grad) for p in case.params])
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 @pytest.mark.parametrize("route", ["plain", "planned", "staged"])
 def test_updated_grads_have_their_version_bumped(route, backend, device):
     """Every route writes the grads the way an in-place op does, so autograd can tell
