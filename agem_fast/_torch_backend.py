@@ -17,6 +17,7 @@ times max(largest tensor, 2^20) elements.
 
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import torch
@@ -226,16 +227,33 @@ def _shaped_pairs(plan: Plan):
         yield g, (r if r.shape == g.shape else r.view(g.shape))
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _as_fp32_scalar(x: float) -> float:
+    """x as fp32 math sees it: torch refuses a finite alpha past fp32's range, which the
+    kernels' conversion (and DESIGN's fp32 update) rounds to an infinity."""
+    return x if abs(x) <= _FP32_MAX or math.isnan(x) else math.copysign(math.inf, x)
+
+
 def _update_cpu(plan: Plan, coef: float) -> None:
-    gs, rs = [], []
-    for g, r in _shaped_pairs(plan):
-        if g.dtype in _LOW_PRECISION:
-            g.copy_(g.float().sub_(r.float(), alpha=coef))  # fp32 math, one rounding
+    by_dtype = {}  # dtype -> ([g], [r]) of the fp32 and fp64 pairs
+    irregular = set(plan.irregular)  # the pairs not both contiguous
+    for k, (g, r) in enumerate(_shaped_pairs(plan)):
+        if k in irregular and not same_dense_layout(g, r):
+            # r copied into g's strides: an elementwise op walking two layouts (say a
+            # stride-0 expanded r) rounds some elements by another path depending on how
+            # torch splits the work over threads; DESIGN section 1 wants the same bits.
+            r = torch.empty_strided(g.size(), g.stride(), dtype=g.dtype, device=g.device).copy_(r)
+        if g.dtype in _LOW_PRECISION:  # fp32 math, one rounding
+            g.copy_(g.float().sub_(r.float(), alpha=_as_fp32_scalar(coef)))
         else:
+            gs, rs = by_dtype.setdefault(g.dtype, ([], []))
             gs.append(g)
             rs.append(r)
-    if gs:  # g.sub_(r, alpha=coef) for each, in one call (sub_ is add_ with -alpha)
-        torch._foreach_add_(gs, rs, alpha=-coef)
+    for dtype, (gs, rs) in by_dtype.items():  # g.sub_(r, alpha=coef) in one call per dtype
+        alpha = -coef if dtype == torch.float64 else _as_fp32_scalar(-coef)
+        torch._foreach_add_(gs, rs, alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------

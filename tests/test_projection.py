@@ -882,6 +882,54 @@ def test_cpu_bitwise_identical_for_any_thread_count_at_row_sizes(sizes, dtype, b
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_bitwise_identical_for_any_thread_count_with_a_broadcast_reference(dtype, backend):
+    """A reference made by expand() (stride 0 along a row) is read as it is by an
+    elementwise update, which rounds some elements by another path when torch splits
+    the rows over threads differently (2 of 48,516 bits differed, found by a randomized
+    campaign): the update must not depend on the thread count there either."""
+    if backend == "torch-packed":
+        pytest.skip("the GPU path: deterministic run to run on one device, not across CPU thread counts")
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(311, 1, generator=gen).to(dtype).expand(311, 156)
+    g0 = (-0.5 * r.double() + torch.randn(311, 156, generator=gen, dtype=torch.float64)).to(dtype)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            p = torch.empty(311, 156, dtype=dtype)
+            p.grad = g0.clone()
+            res = agem_fast.project_([p], [r])
+            assert bool(res.projected)
+            outs.append(bits(p.grad))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_coef_beyond_fp32_range_updates_like_the_extension(backend):
+    """dot ~ -1 over rr ~ 1e-40 (an fp64 pair) gives coef ~ -8e39, past fp32's range. The
+    fp32 and bf16 updates take coef rounded to their fp32 math (DESIGN section 1), -inf,
+    as the extension's kernels do; the fp64 one takes it whole. Nothing raises (the torch
+    backend's scalar alpha used to: 'value cannot be converted to type float')."""
+    p64, p32, p16 = torch.empty(2, dtype=torch.float64), torch.empty(3), torch.empty(2, dtype=torch.bfloat16)
+    p64.grad = torch.tensor([1e20, 3.0], dtype=torch.float64)
+    p32.grad = torch.tensor([5.0, 1.0, -2.0])
+    p16.grad = torch.tensor([3.0, 1.0], dtype=torch.bfloat16)
+    refs = [torch.tensor([-1e-20, 0.5e-20], dtype=torch.float64), torch.tensor([0.0, 1e-30, -1e-30]),
+            torch.tensor([1e-30, -1e-30], dtype=torch.bfloat16)]
+    res = agem_fast.project_([p64, p32, p16], refs)
+    assert bool(res.projected) and float(res.coef) < -3.5e38
+    coef = float(res.coef)
+    want64 = torch.tensor([1e20, 3.0], dtype=torch.float64) - coef * refs[0]  # fp64: the whole coef
+    torch.testing.assert_close(p64.grad, want64, rtol=1e-12, atol=0)
+    c32 = torch.tensor(coef, dtype=torch.float64).float()  # -inf
+    for p, r, g in ((p32, refs[1], [5.0, 1.0, -2.0]), (p16, refs[2], [3.0, 1.0])):
+        want = (torch.tensor(g).float() - c32 * r.float()).to(p.grad.dtype)
+        assert torch.equal(bits(p.grad), bits(want)), (p.grad, want)
+
+
 @pytest.mark.parametrize("route", ["plain", "planned", "staged"])
 def test_updated_grads_have_their_version_bumped(route, backend, device):
     """Every route writes the grads the way an in-place op does, so autograd can tell
