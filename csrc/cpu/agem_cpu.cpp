@@ -16,6 +16,9 @@
 #include <c10/util/Half.h>
 
 #include <atomic>
+#include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
@@ -88,10 +91,21 @@ void chunk_sums(bool avx2, const T* g, const T* r, int64_t n, double* dot_out, d
   chunk_sums_body<T, kHasG>(g, r, n, dot_out, rr_out);
 }
 
+// coef in the update's precision. A double past float's range becomes an infinity, as
+// the hardware rounds it (and CUDA's conversion does); a plain cast would be undefined.
+template <typename A>
+A update_coef(double coef) {
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    if (std::fabs(coef) > std::numeric_limits<float>::max()) return coef > 0 ? kInf : -kInf;
+  }
+  return static_cast<A>(coef);
+}
+
 template <typename T>
 [[gnu::always_inline]] inline void chunk_update_body(T* g, const T* r, int64_t n, double coef) {
   using A = typename Acc<T>::type;
-  const A c = static_cast<A>(coef);
+  const A c = update_coef<A>(coef);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     g[i] = static_cast<T>(static_cast<A>(g[i]) - c * static_cast<A>(r[i]));
