@@ -231,8 +231,8 @@ _FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _as_fp32_scalar(x: float) -> float:
-    """x as fp32 math sees it: torch refuses a finite alpha past fp32's range, which the
-    kernels' conversion (and DESIGN's fp32 update) rounds to an infinity."""
+    """x as an fp32 update takes it: torch refuses a finite alpha beyond fp32's largest
+    value, which the extension's CPU kernels take as an infinity (so does this)."""
     return x if abs(x) <= _FP32_MAX or math.isnan(x) else math.copysign(math.inf, x)
 
 

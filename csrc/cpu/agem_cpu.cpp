@@ -91,8 +91,8 @@ void chunk_sums(bool avx2, const T* g, const T* r, int64_t n, double* dot_out, d
   chunk_sums_body<T, kHasG>(g, r, n, dot_out, rr_out);
 }
 
-// coef in the update's precision. A double past float's range becomes an infinity, as
-// the hardware rounds it (and CUDA's conversion does); a plain cast would be undefined.
+// coef in the update's precision. A double beyond float's largest value becomes an
+// infinity (a plain cast of it would be undefined behaviour).
 template <typename A>
 A update_coef(double coef) {
   if constexpr (std::is_same_v<A, float>) {
