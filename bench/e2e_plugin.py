@@ -91,7 +91,7 @@ class FloorPlugin(AGEMPlugin):
         if not self.buffers:
             return
         n = sum(min(len(b), self.sample_size // len(self.buffers)) for b in self.buffers)
-        x, y = (t.to(strategy.device) for t in self._floor_batch)
+        x, y = self._floor_batch
         self.floor_steps = getattr(self, "floor_steps", 0) + 1
         strategy.model.train()
         strategy.optimizer.zero_grad()
@@ -104,6 +104,7 @@ class FloorPlugin(AGEMPlugin):
     def update_memory(self, dataset, **kwargs):
         super().update_memory(dataset, **kwargs)
         fields = [b.fields for b in self.buffers]
+        # (tensor memory lives on the strategy's device already, so the batch does too)
         self._floor_batch = (torch.cat([f[0] for f in fields]), torch.cat([f[1] for f in fields]))
 
 
