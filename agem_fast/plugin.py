@@ -14,6 +14,7 @@ Avalanche is importable) and with any object that offers `model`, `optimizer`,
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -84,31 +85,93 @@ class TensorMemory(Dataset):
     """One experience's memory as collated tensors (memory="tensor").
 
     `fields[j]` is the j-th element of the collated batch (patterns, targets, ...,
-    task labels last), first dimension = pattern. Indexing gives a tuple like an
-    Avalanche classification dataset item (without transforms: they were applied
-    once when the memory was filled).
+    task labels last), first dimension = pattern: a tensor, or a list for a field the
+    collate function leaves as a Python sequence (file names, say). Indexing gives a
+    tuple like an Avalanche classification dataset item (without transforms: they were
+    applied once when the memory was filled).
     """
 
-    def __init__(self, fields: Sequence[torch.Tensor]):
-        self.fields: List[torch.Tensor] = list(fields)
+    def __init__(self, fields: Sequence[Any]):
+        self.fields: List[Any] = list(fields)
 
     def __len__(self) -> int:
-        return int(self.fields[0].shape[0]) if self.fields else 0
+        return len(self.fields[0]) if self.fields else 0
 
     def __getitem__(self, index):
         return tuple(f[index] for f in self.fields)
 
     def to(self, device) -> "TensorMemory":
-        self.fields = [f.to(device) for f in self.fields]
+        self.fields = [f.to(device) if isinstance(f, torch.Tensor) else f for f in self.fields]
         return self
 
     @property
     def device(self) -> Optional[torch.device]:
-        return self.fields[0].device if self.fields else None
+        return next((f.device for f in self.fields if isinstance(f, torch.Tensor)), None)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{tuple(f.shape)}:{f.dtype}" for f in self.fields)
+        shapes = ", ".join(
+            f"{tuple(f.shape)}:{f.dtype}" if isinstance(f, torch.Tensor) else f"{type(f).__name__}[{len(f)}]"
+            for f in self.fields
+        )
         return f"TensorMemory({shapes})"
+
+
+def _concat(parts: List[Any]):
+    """Slices of one memory field, joined along the pattern dimension."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return type(parts[0])(x for part in parts for x in part)  # a list or a tuple, as collated
+
+
+def _kinds(fields: Sequence[Any]) -> str:
+    return ", ".join("tensor" if isinstance(f, torch.Tensor) else "list" for f in fields)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype}"
+
+
+def _split_if_mixed_dtypes(params: List[torch.Tensor], flat: torch.Tensor):
+    """An assigned flat reference as `project_` takes it: whole when it has every
+    gradient's dtype; else (Avalanche's flat tensor of a mixed-dtype model has the
+    promoted dtype) one slice per parameter in its gradient's dtype."""
+    if all(p.grad is None or p.grad.dtype == flat.dtype for p in params):
+        return flat
+    if flat.dim() != 1 or flat.numel() != sum(p.numel() for p in params):
+        return flat  # project_ says what is wrong with it
+    parts, offset = [], 0
+    for p in params:
+        part = flat[offset : offset + p.numel()].view(p.shape)
+        parts.append(part if p.grad is None else part.to(p.grad.dtype))
+        offset += p.numel()
+    return parts
+
+
+def _first_batch_dependent_row(fields: List[Any], alone: List[Any]):
+    """(pattern k, element j, what k collated alone gave) for the first tensor row of
+    the whole batch `fields` that differs from `alone[k]`, pattern k collated alone;
+    None if every row matches."""
+    for j, f in enumerate(fields):
+        if not isinstance(f, torch.Tensor):
+            continue  # passed along, never read
+        rows = [a[j] if isinstance(a, (list, tuple)) and len(a) > j else None for a in alone]
+        row_shape = (1,) + tuple(f.shape[1:])
+        if all(isinstance(r, torch.Tensor) and tuple(r.shape) == row_shape for r in rows):
+            if _same_bits(torch.cat(rows), f):  # one comparison for the whole field
+                continue
+        for k, r in enumerate(rows):
+            if not isinstance(r, torch.Tensor) or not _same_bits(r, f[k : k + 1]):
+                what = _describe(r) if isinstance(r, torch.Tensor) else type(r).__name__
+                return k, j, what
+    return None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes, dtypes and bits (NaNs included, unlike torch.equal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8),
+                       b.reshape(-1).contiguous().view(torch.uint8))
 
 
 def _default_collate(batch):
@@ -180,21 +243,28 @@ class AGEMPlugin(_PluginBase):
     all walks from the first pattern. With deterministic transforms the reference
     batches are identical to Avalanche's.
 
-    Rule for too many experiences: every experience must contribute at least one
-    pattern, so at most `sample_size` experiences can be stored. Storing experience
-    number `sample_size + 1` raises a `ValueError` (Avalanche crashes inside its data
-    loader there); nothing is changed by the failing call.
+    Rule for too many experiences: every reference batch takes at least one pattern
+    from every experience, so it needs `sample_size` >= the number of experiences in
+    memory. As in Avalanche, any number of experiences can be stored; where Avalanche's
+    loader then crashes (the first reference batch drawn from more experiences than
+    `sample_size`), `sample_from_memory` raises a `ValueError` saying so, before
+    anything is changed.
 
     :param patterns_per_experience: number of patterns per experience in memory.
     :param sample_size: number of patterns of a reference batch (split evenly over
         the experiences; the remainder of the division is not used, as in Avalanche).
     :param memory: "tensor" (default): the memory is collated once into tensors on
         the strategy's device and sampling is slicing, no DataLoader; transforms are
-        applied once, when the memory is filled. The dataset's collate function must
-        return a sequence of tensors that can be concatenated along the first
-        dimension (true for Avalanche's classification datasets). "dataset": the
-        memory is kept as dataset subsets and every reference batch is fetched
-        item by item and collated, so transforms run at every access, as Avalanche.
+        applied once, when the memory is filled, so a random transform is drawn once
+        per stored pattern (a warning says so when the transforms drew from torch's
+        RNG). The dataset's collate function must return a sequence with one row per
+        pattern in every element (a tensor, or a list such as file names) and treat
+        every pattern alone, as stacking does (true for Avalanche's classification
+        datasets); a collate function that makes a pattern's row depend on the rest of
+        its batch (padding to the longest, say) is refused with a `TypeError`, before
+        anything is changed. "dataset": the memory is kept as dataset subsets and every
+        reference batch is fetched item by item and collated, so transforms run at
+        every access, as Avalanche.
 
     Attributes (as Avalanche's): `buffers` (one dataset per experience: a subset of
     the experience's dataset with memory="dataset", a `TensorMemory` with
@@ -206,14 +276,18 @@ class AGEMPlugin(_PluginBase):
     `buffer_dliter` do not exist: no DataLoader is used.
 
     Random numbers: the memory subset uses Python's `random` exactly as Avalanche
-    does. Unlike Avalanche's memory loader, which draws one seed from the global
-    torch RNG whenever it is rebuilt (after each experience), this plugin draws
-    nothing from torch's RNG, so a seeded run with it shuffles later training
-    batches differently from the same run with Avalanche's plugin.
+    does. Avalanche's memory loader draws one seed from the global torch RNG at the
+    first reference batch after each experience; this plugin does not, and draws from
+    torch's RNG only through the dataset's transforms (with memory="tensor", once per
+    stored pattern when the memory is filled), so a seeded run with it shuffles later
+    training batches differently from the same run with Avalanche's plugin.
 
     Checkpointing: `state_dict()` / `load_state_dict()` save and restore the memory
     and each experience's sampling position; pickling the plugin (or an Avalanche
-    strategy holding it) keeps the same state.
+    strategy holding it) keeps the same state. With memory="tensor" the state dict
+    leaves out the collate function (so that it stays plain data): after
+    `load_state_dict`, later experiences are collated with their own dataset's
+    collate function, which is the first experience's unless they differ.
     """
 
     def __init__(self, patterns_per_experience: int, sample_size: int, *, memory: str = "tensor"):
@@ -234,6 +308,7 @@ class AGEMPlugin(_PluginBase):
         self._cursors: List[int] = []  # next pattern of each experience's walk
         self._collate_fn = None  # the first buffer's collate function (as Avalanche)
         self._device: Optional[torch.device] = None
+        self._warned_random_transforms = False
         self._init_transient()
 
     # ------------------------------------------------------------------ state
@@ -284,11 +359,26 @@ class AGEMPlugin(_PluginBase):
             raise TypeError(f"reference_gradients must be a tensor, got {type(value).__name__}")
         self._assigned_reference = value
 
+    @property
+    def buffer_dataloader(self):
+        raise AttributeError(
+            "agem_fast.AGEMPlugin has no buffer_dataloader: its memory is sampled without "
+            "a DataLoader (sample_from_memory() gives the next reference batch)"
+        )
+
+    @property
+    def buffer_dliter(self):
+        raise AttributeError(
+            "agem_fast.AGEMPlugin has no buffer_dliter: its memory is sampled without "
+            "a DataLoader (sample_from_memory() gives the next reference batch)"
+        )
+
     def state_dict(self) -> Dict[str, Any]:
         """Memory and sampling position, to resume a checkpointed run.
 
-        With memory="tensor" the memory is plain tensors; with memory="dataset" it is
-        the dataset subsets themselves (load with `torch.load(..., weights_only=False)`).
+        With memory="tensor" the memory is plain tensors (and the lists the collate
+        function left as they were, file names say); with memory="dataset" it is the
+        dataset subsets themselves (load with `torch.load(..., weights_only=False)`).
         """
         if self.memory == "tensor":
             buffers = [list(b.fields) for b in self.buffers]
@@ -349,9 +439,9 @@ class AGEMPlugin(_PluginBase):
             device = next(model.parameters()).device
         device = _indexed(device)
         self._to_device(device)
+        mb = self.sample_from_memory()  # first: a call that raises has changed nothing
         model.train()
         strategy.optimizer.zero_grad()
-        mb = self.sample_from_memory()
         if mb is None:  # every stored experience is empty: nothing to refer to
             return
         xref, yref, tid = mb[0], mb[1], mb[-1]
@@ -369,11 +459,14 @@ class AGEMPlugin(_PluginBase):
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
         """Project the current gradient against the reference gradient."""
+        params = list(strategy.model.parameters())
         ref = self._assigned_reference
-        if ref is None and self._reference_ready:
+        if ref is not None:
+            ref = _split_if_mixed_dtypes(params, ref)
+        elif self._reference_ready:
             ref = self._reference
         if len(self.buffers) > 0 and ref is not None:
-            project_(list(strategy.model.parameters()), ref)
+            project_(params, ref)
 
     def after_training_exp(self, strategy, **kwargs):
         """Add patterns of the experience just trained on to the memory."""
@@ -392,6 +485,13 @@ class AGEMPlugin(_PluginBase):
         if not self.buffers:
             return None
         per_exp = self.sample_size // len(self.buffers)
+        if per_exp < 1:
+            raise ValueError(
+                f"AGEMPlugin: {len(self.buffers)} experiences in memory but sample_size="
+                f"{self.sample_size}: a reference batch takes sample_size // n_experiences "
+                f"patterns from every experience, which is 0 (Avalanche's memory loader "
+                f"fails here too). Use a sample_size of at least the number of experiences."
+            )
         ranges = []
         for k, buf in enumerate(self.buffers):
             n = len(buf)
@@ -406,7 +506,7 @@ class AGEMPlugin(_PluginBase):
         if self.memory == "tensor":
             n_fields = len(ranges[0][0].fields)
             return [
-                torch.cat([buf.fields[j][start:stop] for buf, start, stop in ranges])
+                _concat([buf.fields[j][start:stop] for buf, start, stop in ranges])
                 for j in range(n_fields)
             ]
         items = [buf[i] for buf, start, stop in ranges for i in range(start, stop)]
@@ -417,73 +517,107 @@ class AGEMPlugin(_PluginBase):
     def update_memory(self, dataset, num_workers=0, **kwargs):
         """Store `patterns_per_experience` random patterns of `dataset` in memory.
 
-        `num_workers` is accepted for compatibility and ignored (no DataLoader).
+        `num_workers` is accepted for compatibility and ignored (no DataLoader). A call
+        that raises changes nothing (Python's `random` state included).
         """
-        n_exp = len(self.buffers) + 1
-        if self.sample_size // n_exp < 1:
-            raise ValueError(
-                f"AGEMPlugin: cannot store experience {n_exp} with sample_size="
-                f"{self.sample_size}: each reference batch takes sample_size // "
-                f"n_experiences patterns from every experience, which would be 0. "
-                f"Use sample_size >= the number of experiences ({n_exp} or more)."
-            )
-        n = len(dataset)
-        indices: Optional[List[int]] = None
-        if n - self.patterns_per_experience > 0:
-            indices = list(range(n))
-            random.shuffle(indices)
-            indices = indices[: self.patterns_per_experience]
+        rng_state, torch_rng_state = random.getstate(), torch.get_rng_state()
+        try:
+            n = len(dataset)
+            indices: Optional[List[int]] = None
+            if n - self.patterns_per_experience > 0:
+                indices = list(range(n))
+                random.shuffle(indices)
+                indices = indices[: self.patterns_per_experience]
 
-        if self.memory == "dataset":
-            if indices is None:
-                buffer = dataset
-            elif hasattr(dataset, "subset"):
-                buffer = dataset.subset(indices)
+            if self.memory == "dataset":
+                if indices is None:
+                    buffer = dataset
+                elif hasattr(dataset, "subset"):
+                    buffer = dataset.subset(indices)
+                else:
+                    buffer = torch.utils.data.Subset(dataset, indices)
+                if not self.buffers:
+                    self._collate_fn = getattr(buffer, "collate_fn", None) or getattr(
+                        dataset, "collate_fn", None
+                    )
             else:
-                buffer = torch.utils.data.Subset(dataset, indices)
-            if not self.buffers:
-                self._collate_fn = getattr(buffer, "collate_fn", None) or getattr(
-                    dataset, "collate_fn", None
-                )
-        else:
-            buffer = self._materialise(dataset, indices)
+                buffer = self._materialise(dataset, indices)
+        except BaseException:
+            random.setstate(rng_state)
+            torch.set_rng_state(torch_rng_state)  # drawn by random transforms
+            raise
 
         self.buffers.append(buffer)
         self._cursors = [0] * len(self.buffers)  # a new loader restarts every walk
 
     def _materialise(self, dataset, indices: Optional[List[int]]) -> TensorMemory:
-        # Avalanche collates every reference batch with the first buffer's collate_fn.
-        if not self.buffers or self._collate_fn is None:
-            self._collate_fn = getattr(dataset, "collate_fn", None)
-        collate = self._collate_fn or _default_collate
+        """The patterns of `dataset` at `indices` (all if None), collated once. Sets the
+        collate function (Avalanche collates every reference batch with the first
+        buffer's) only when it succeeds."""
+        collate_fn = self._collate_fn
+        if not self.buffers or collate_fn is None:
+            collate_fn = getattr(dataset, "collate_fn", None)
+        collate = collate_fn or _default_collate
         idx = range(len(dataset)) if indices is None else indices
+        torch_rng = torch.get_rng_state()
         items = [dataset[i] for i in idx]
+        random_transforms = not torch.equal(torch_rng, torch.get_rng_state())
         device = self._device if self._device is not None else torch.device("cpu")
+        earlier = next((b.fields for b in self.buffers if len(b) > 0), None)
         if not items:
-            ref = self.buffers[0].fields if self.buffers else None
-            fields = [f[:0] for f in ref] if ref else []
-            return TensorMemory(fields)
+            self._collate_fn = collate_fn
+            return TensorMemory([f[:0] for f in earlier] if earlier else [])
         batch = collate(items)
         if isinstance(batch, torch.Tensor) or not isinstance(batch, (list, tuple)):
             raise TypeError(
                 "memory='tensor' needs the dataset's collate function to return a sequence "
-                f"of tensors (patterns, targets, ..., task labels); got {type(batch).__name__}. "
+                f"(patterns, targets, ..., task labels); got {type(batch).__name__}. "
                 "Use memory='dataset'."
             )
+        n = len(items)
         fields = []
         for j, f in enumerate(batch):
-            if not isinstance(f, torch.Tensor) or f.dim() == 0 or f.shape[0] != len(items):
+            if isinstance(f, torch.Tensor) and f.dim() > 0 and f.shape[0] == n:
+                fields.append(f)
+            elif isinstance(f, (list, tuple)) and len(f) == n and j not in (0, 1):
+                fields.append(f)  # passed along, never read by the reference pass
+            else:
+                what = "patterns" if j == 0 else "targets" if j == 1 else f"element {j}"
                 raise TypeError(
-                    f"memory='tensor': element {j} of the collated batch is not a tensor with "
-                    f"one row per pattern ({type(f).__name__}); use memory='dataset'."
+                    f"memory='tensor': {what} of the collated batch must be a tensor with "
+                    f"one row per pattern ({n}){' or a list of one entry per pattern' if j > 1 else ''}; "
+                    f"got {type(f).__name__}. Use memory='dataset'."
                 )
-            fields.append(f.to(device))
-        if self.buffers and self.buffers[0].fields and len(fields) != len(self.buffers[0].fields):
+        if earlier is not None and [isinstance(f, torch.Tensor) for f in fields] != [
+            isinstance(f, torch.Tensor) for f in earlier
+        ]:
             raise TypeError(
-                f"memory='tensor': this experience's batches have {len(fields)} elements, "
-                f"earlier ones {len(self.buffers[0].fields)}"
+                f"memory='tensor': this experience's batches have {len(fields)} elements "
+                f"({_kinds(fields)}), earlier ones {len(earlier)} ({_kinds(earlier)})"
             )
-        return TensorMemory(fields)
+        # A reference batch is a slice of this one, so each pattern's row must not depend
+        # on the rest of the batch (as it does with padding to the longest pattern).
+        mismatch = _first_batch_dependent_row(fields, [collate([item]) for item in items])
+        if mismatch is not None:
+            k, j, alone = mismatch
+            raise TypeError(
+                f"memory='tensor': the collate function makes pattern {k}'s row of element "
+                f"{j} depend on the rest of its batch (collated alone it is {alone}, in the "
+                f"experience's batch {_describe(fields[j][k : k + 1])}; padding to the "
+                f"longest pattern, say), so slices of one batch are not the batches "
+                f"Avalanche would collate. Use memory='dataset'."
+            )
+        if random_transforms and not self._warned_random_transforms:
+            self._warned_random_transforms = True
+            warnings.warn(
+                "AGEMPlugin(memory='tensor'): the dataset's transforms drew random numbers "
+                "while the memory was filled, so each stored pattern keeps the one random "
+                "transform it got then (Avalanche's plugin draws a new one at every "
+                "access). Pass memory='dataset' for that.",
+                stacklevel=3,
+            )
+        self._collate_fn = collate_fn
+        return TensorMemory([f.to(device) if isinstance(f, torch.Tensor) else f for f in fields])
 
     def _to_device(self, device: torch.device) -> None:
         self._device = device

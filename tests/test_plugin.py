@@ -454,15 +454,31 @@ def test_step_parity_with_an_integer_parameter():
     assert ours.reference_gradient.present[0] is False
 
 
-def test_more_experiences_than_sample_size_raises_cleanly():
-    plugin = AGEMPlugin(5, 2)
-    ds = make_dataset(torch.randn(8, 3), torch.arange(8) % 2)
-    plugin.update_memory(ds)
-    plugin.update_memory(ds)
-    state = random.getstate()
-    with pytest.raises(ValueError, match="sample_size"):
-        plugin.update_memory(ds)
-    assert len(plugin.buffers) == 2 and random.getstate() == state
+@pytest.mark.parametrize("memory", ["tensor", "dataset"])
+def test_more_experiences_than_sample_size_fail_where_avalanche_does(memory):
+    """Avalanche stores any number of experiences; its loader fails at the first
+    reference batch drawn from more than sample_size of them. Ours stores them too (a
+    run whose last experience makes one too many ends normally) and raises a clear
+    ValueError at that batch, before anything is changed."""
+    ds = make_dataset(torch.randn(8, N_FEATURES), torch.arange(8) % 2)
+    theirs, ours = AvalancheAGEMPlugin(5, 2), AGEMPlugin(5, 2, memory=memory)
+    for plugin in (theirs, ours):
+        for _ in range(3):
+            plugin.update_memory(ds)
+        assert len(plugin.buffers) == 3
+    with pytest.raises(ValueError):
+        theirs.sample_from_memory()
+    model = SimpleMLP(N_CLASSES, N_FEATURES, 8)
+    model.eval()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="3 experiences in memory but sample_size=2"):
+        ours.before_training_iteration(fake_strategy(model))
+    assert not model.training  # the failing call changed nothing
+    for p, g in zip(model.parameters(), before):
+        assert torch.equal(p.grad, g)
+    assert ours._cursors == [0, 0, 0]
 
 
 @pytest.mark.parametrize(
@@ -930,3 +946,163 @@ def test_readme_example_runs_with_avalanche_installed():
     ns = {}
     exec(compile(README_EXAMPLE.replace("print(", "_ = ("), "<readme>", "exec"), ns)
     assert len(ns["agem"].buffers) == 3
+
+
+# ------------------------------------------------- memory="tensor" and its collation
+class _Sequences(torch.utils.data.Dataset):
+    """Variable-length patterns, as (x, y, task label) items."""
+
+    def __init__(self, lengths, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = [torch.randn(n, generator=g) for n in lengths]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i % 2, 0
+
+
+def _pad_collate(items):
+    """Pads every pattern to the longest of its batch: a batch-dependent collate."""
+    xs, ys, ts = zip(*items)
+    x = torch.zeros(len(xs), max(len(v) for v in xs))
+    for k, v in enumerate(xs):
+        x[k, : len(v)] = v
+    return [x, torch.tensor(ys), torch.tensor(ts)]
+
+
+def test_tensor_memory_refuses_a_batch_dependent_collate_and_changes_nothing():
+    """Slices of one padded batch are not the batches Avalanche collates (padded to the
+    longest pattern of each); memory='dataset' gives Avalanche's batches."""
+    from avalanche.benchmarks.utils.data import AvalancheDataset
+
+    exp1 = AvalancheDataset([_Sequences([3, 5, 2, 4, 9, 6], 0)], collate_fn=_pad_collate)
+    exp2 = AvalancheDataset([_Sequences([7, 1, 12, 3], 1)], collate_fn=_pad_collate)
+    ours = AGEMPlugin(10, 4)
+    random.seed(3)
+    state, torch_state = random.getstate(), torch.get_rng_state()
+    with pytest.raises(TypeError, match="depend on the rest of its batch.*memory='dataset'"):
+        ours.update_memory(exp1)
+    assert ours.buffers == [] and ours._collate_fn is None
+    assert random.getstate() == state and torch.equal(torch.get_rng_state(), torch_state)
+
+    theirs, ours = AvalancheAGEMPlugin(10, 4), AGEMPlugin(10, 4, memory="dataset")
+    for exp in (exp1, exp2):
+        batches = []
+        for plugin in (theirs, ours):
+            random.seed(5)
+            plugin.update_memory(exp)
+            batches.append([plugin.sample_from_memory() for _ in range(3)])
+        for a, b in zip(*batches):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+class _WithPaths(torch.utils.data.Dataset):
+    """Items with a non-tensor field (a file name) before the task label."""
+
+    def __init__(self, n, seed):
+        self.x = torch.randn(n, N_FEATURES, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i % 2, f"img_{i}.png", 0
+
+
+def test_tensor_memory_keeps_non_tensor_fields_like_avalanche(tmp_path):
+    """Avalanche reads only mb[0], mb[1] and mb[-1]; other fields (file names) pass
+    through, and the batches match Avalanche's field for field."""
+    from avalanche.benchmarks.utils.data import AvalancheDataset
+
+    exps = [AvalancheDataset([_WithPaths(12, seed)]) for seed in (0, 1)]
+    theirs, ours = AvalancheAGEMPlugin(5, 4), AGEMPlugin(5, 4)
+    for exp in exps:
+        batches = []
+        for plugin in (theirs, ours):
+            random.seed(7)
+            plugin.update_memory(exp)
+            batches.append([plugin.sample_from_memory() for _ in range(4)])
+        for a, b in zip(*batches):
+            assert len(a) == len(b) == 4
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
+            assert list(a[2]) == list(b[2]) and len(b[2]) == len(b[0])
+    # the state dict stays plain data
+    torch.save(ours.state_dict(), tmp_path / "state.pt")
+    resumed = AGEMPlugin(5, 4)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    ours._cursors = [0, 0]
+    resumed._cursors = [0, 0]
+    a, b = ours.sample_from_memory(), resumed.sample_from_memory()
+    assert torch.equal(a[0], b[0]) and list(a[2]) == list(b[2])
+
+
+def test_tensor_memory_refuses_a_field_without_one_row_per_pattern_and_changes_nothing():
+    from avalanche.benchmarks.utils.data import AvalancheDataset
+
+    def collate(items):
+        from torch.utils.data import default_collate
+
+        x, y, t = default_collate(items)
+        return [x, y, {"t": t}]
+
+    ds = AvalancheDataset([_Sequences([4] * 8, 0)], collate_fn=collate)
+    plugin = AGEMPlugin(5, 4)
+    random.seed(1)
+    state = random.getstate()
+    with pytest.raises(TypeError, match="element 2 of the collated batch"):
+        plugin.update_memory(ds)
+    assert plugin.buffers == [] and plugin._collate_fn is None and random.getstate() == state
+
+
+def _noisy(x):
+    """A random transform (module level: picklable)."""
+    return x + torch.randn_like(x)
+
+
+@pytest.mark.parametrize("transform, memory, warns", [
+    (_noisy, "tensor", True), (_noisy, "dataset", False), (affine, "tensor", False),
+])
+def test_random_transforms_frozen_by_tensor_memory_are_warned_about_once(transform, memory, warns):
+    benchmark = make_benchmark(seed=2, transform=transform)
+    plugin = AGEMPlugin(10, 10, memory=memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for exp in benchmark.train_stream[:3]:
+            plugin.update_memory(exp.dataset)
+    ours = [w for w in caught if "random" in str(w.message)]
+    assert len(ours) == (1 if warns else 0), [str(w.message) for w in caught]
+    if warns:
+        assert "memory='dataset'" in str(ours[0].message)
+
+
+def test_assigned_flat_reference_of_a_mixed_dtype_model_projects_like_avalanche():
+    """Avalanche's flat tensors of a model with fp32 and fp64 parameters have the
+    promoted dtype; assigning one (even reading it back and assigning it) works."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3).double())
+    params = list(model.parameters())
+    grads = [torch.randn_like(p) for p in params]
+    ref = -torch.cat([g.reshape(-1).double() for g in grads]) + 0.1 * torch.randn(
+        sum(p.numel() for p in params), dtype=torch.float64
+    )
+    out = []
+    for plugin in (AvalancheAGEMPlugin(10, 4), AGEMPlugin(10, 4)):
+        plugin.update_memory(_numbered_dataset(12, 0, 0))
+        plugin.reference_gradients = ref.clone()
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        plugin.after_backward(fake_strategy(model))
+        out.append([p.grad.clone() for p in params])
+    for theirs, ours, before in zip(*out, grads):
+        assert ours.dtype == before.dtype and not torch.equal(ours, before)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_avalanche_loader_attributes_say_why_they_are_missing():
+    plugin = AGEMPlugin(10, 4)
+    for name in ("buffer_dataloader", "buffer_dliter"):
+        assert not hasattr(plugin, name)
+        with pytest.raises(AttributeError, match="sample_from_memory"):
+            getattr(plugin, name)
