@@ -208,13 +208,13 @@ def _check_no_shared_memory(written, protected) -> None:
                 "strides are too irregular to check at a reasonable cost; pass copies")
         starts.append(s)
         ends.append(s + length)
-        is_written.append(torch.full(s.shape, w))
-        owner.append(torch.full(s.shape, k))
+        is_written.append(torch.full(s.shape, w, device="cpu"))
+        owner.append(torch.full(s.shape, k, device="cpu"))
     if not starts:
         return
     start, order = torch.sort(torch.cat(starts), stable=True)
     end, w, own = torch.cat(ends)[order], torch.cat(is_written)[order], torch.cat(owner)[order]
-    none = torch.tensor([-1])  # below every address
+    none = torch.tensor([-1], device="cpu")  # below every address (any default device)
 
     def prior_max(x):  # the largest of x over the runs sorted before each run
         return torch.cat([none, torch.cummax(x, 0).values[:-1]])

@@ -653,6 +653,26 @@ def test_default_device_does_not_matter(backend):
     check_call(res, orc, [p.grad for p in case.params], before, torch.device("cpu"))
 
 
+def test_default_device_does_not_matter_to_the_shared_memory_check(backend):
+    """Column blocks of one buffer share byte ranges without sharing elements: the
+    planner's run-by-run check (CPU tensors of its own) decides, whatever the default
+    device; and a true overlap is still refused."""
+    gen = torch.Generator().manual_seed(8)
+    fused = rand_values(gen, (6, 9)).float()
+    params = [torch.nn.Parameter(torch.empty(6, 3)) for _ in range(3)]
+    for k, p in enumerate(params):
+        p.grad = fused[:, 3 * k : 3 * k + 3]  # interleaved rows: overlapping spans
+    refs = [rand_values(gen, (6, 3)).float() - 2 * p.grad for p in params]
+    orc = oracle([p.grad for p in params], refs)
+    before = [p.grad.clone() for p in params]
+    with torch.device("meta"):
+        res = agem_fast.project_(params, refs)
+    check_call(res, orc, [p.grad for p in params], before, torch.device("cpu"))
+    params[1].grad = fused[:, 2:5]  # shares column 2 with params[0].grad
+    with torch.device("meta"), pytest.raises(ValueError, match="share memory"):
+        agem_fast.project_(params, refs)
+
+
 @pytest.mark.parametrize("ref_form", ["list", "flat", "refgrad"])
 def test_empty_params(ref_form, backend):
     if ref_form == "list":
