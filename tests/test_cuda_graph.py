@@ -31,11 +31,30 @@ class _Net(torch.nn.Module):
         return out
 
 
-# A small and a large tensor table (4 and 300 tensors): how a table reaches the kernels
-# may depend on its size (as a kernel parameter, or copied from pinned memory, which the
-# graph must then keep).
+@pytest.fixture(params=["upload", "inline"])
+def table_route(request, backend):
+    """How the extension's kernels get their tensor table (tests/test_cuda_table_route.py):
+    copied from pinned memory, which a graph must then keep, or as a kernel parameter."""
+    if backend != "extension":
+        if request.param == "inline":
+            pytest.skip("the table route is the extension's")
+        yield None
+        return
+    from agem_fast import _extension
+
+    module = _extension.load()
+    old = module._cuda_table_route()
+    module._set_cuda_table_route(request.param)
+    try:
+        yield request.param
+    finally:
+        module._set_cuda_table_route(old)
+
+
+# A small and a large tensor table (4 and 300 tensors): on the inline route, the 96- and
+# 512-entry kernel parameters; on the upload route, either size is copied from pinned memory.
 @pytest.mark.parametrize("extra", [0, 296])
-def test_captured_training_step_matches_eager(backend, extra):
+def test_captured_training_step_matches_eager(backend, table_route, extra):
     if backend == "torch-packed":
         pytest.skip("on a GPU the torch backend takes its packed path anyway: the 'torch' case")
     dev = torch.device("cuda")

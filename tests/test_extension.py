@@ -238,20 +238,30 @@ def test_opcheck(ext):
     torch.library.opcheck(torch.ops.agem_fast.apply_.default, (grads, refs, coef, torch.tensor(True)))
 
 
-def test_split_ops_compose_to_project(ext):
-    """sums + decide + apply_ (the sharded path's ops) equal the fused project_, bitwise."""
-    params, refs = _case([(3 * CHUNK + 5,), (7, 3), ()], torch.float32, "cpu", seed=8)
+def _check_split_ops(device):
+    """sums + decide + apply_ (the sharded path's ops) equal the fused project_, bitwise,
+    with a reference-only tensor in pass 1; apply_ with a false flag writes nothing."""
+    params, refs = _case([(3 * CHUNK + 5,), (7, 3), ()], torch.float32, device, seed=8)
+    ref_only = [torch.randn(CHUNK + 3, generator=torch.Generator().manual_seed(9)).to(device)]
     saved = [p.grad.clone() for p in params]
-    fused = torch.ops.agem_fast.project_([p.grad for p in params], refs, [], 0.0)
+    fused = torch.ops.agem_fast.project_([p.grad for p in params], refs, ref_only, 0.0)
     fused_grads = [p.grad.clone() for p in params]
     for p, g in zip(params, saved):
         p.grad.copy_(g)
-    sums = torch.ops.agem_fast.sums([p.grad for p in params], refs, [])
+    sums = torch.ops.agem_fast.sums([p.grad for p in params], refs, ref_only)
     assert torch.equal(sums, torch.stack(fused[:2]))
     torch.ops.agem_fast.apply_([p.grad for p in params], refs, fused[2], fused[3])
     assert bool(fused[3])
     for a, p in zip(fused_grads, params):
         assert torch.equal(a, p.grad)
+    torch.ops.agem_fast.apply_([p.grad for p in params], refs, fused[2], torch.zeros_like(fused[3]))
+    for a, p in zip(fused_grads, params):
+        assert torch.equal(a, p.grad)
+    torch.ops.agem_fast.apply_([], [], fused[2], fused[3])  # nothing to update
+
+
+def test_split_ops_compose_to_project(ext):
+    _check_split_ops("cpu")
 
 
 # ---------------------------------------------------------------- CUDA (GPU machine) --
@@ -264,6 +274,25 @@ def cuda_ext(ext):
     if not ext.supports("cuda"):
         pytest.fail("CUDA device present but the extension has no CUDA kernels")
     return ext
+
+
+@cuda
+@pytest.mark.parametrize("table_route", ["upload", "inline"])
+def test_cuda_split_ops_compose_to_project(cuda_ext, table_route):
+    module = cuda_ext.load()
+    old = module._cuda_table_route()
+    module._set_cuda_table_route(table_route)
+    try:
+        _check_split_ops("cuda")
+        params, refs = _case([(33,), (4, 5)], torch.float32, "cuda", seed=1)
+        grads, extra = [p.grad for p in params], [torch.randn(7, device="cuda")]
+        torch.library.opcheck(torch.ops.agem_fast.project_.default, (grads, refs, extra, 0.0))
+        torch.library.opcheck(torch.ops.agem_fast.sums.default, (grads, refs, extra))
+        coef = torch.tensor(-0.5, dtype=torch.float64, device="cuda")
+        yes = torch.tensor(True, device="cuda")
+        torch.library.opcheck(torch.ops.agem_fast.apply_.default, (grads, refs, coef, yes))
+    finally:
+        module._set_cuda_table_route(old)
 
 
 @cuda

@@ -346,9 +346,10 @@ int64_t grid_for(int64_t chunks, int device, Kernel* kernel) {
 }
 
 // Pinned tables copied during graph capture must outlive the graph (its memcpy node
-// re-reads them at every replay), so they are kept for the life of the process.
-// Deliberately never destroyed: freeing pinned blocks at process exit could outlive the
-// host allocator.
+// re-reads them at every replay), so they are kept for the life of the process: one
+// small block per captured call (40 bytes per tensor), so a program that re-records its
+// graphs again and again keeps growing it (the inline route keeps nothing). Deliberately
+// never destroyed: freeing pinned blocks at process exit could outlive the host allocator.
 std::mutex captured_mutex;
 std::vector<at::Tensor>* const captured_tables = new std::vector<at::Tensor>();
 
@@ -562,6 +563,7 @@ void apply_cuda(at::TensorList grads, at::TensorList refs, const at::Tensor& coe
   const at::Device device = op_device(grads, {});
   TORCH_CHECK_VALUE(coef.device() == device && projected.device() == device,
                     "agem_fast: coef and projected must be on ", device);
+  if (table.pair_chunks == 0) return;  // only empty tensors: nothing to stage or launch
   const c10::cuda::CUDAGuard guard(device);
   const DeviceTable dt = prepare(table, device, /*with_partials=*/false);
   launch_update(table, dt, device, coef.data_ptr<double>(), projected.data_ptr<bool>());
