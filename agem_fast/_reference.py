@@ -20,7 +20,10 @@ class ReferenceGradient:
 
     `capture_(params)` copies the current gradients in; a None grad marks the slot
     absent and zeroes it (it takes no part in the projection, as Avalanche's zeros would
-    not, and `flat` matches Avalanche's concatenation).
+    not, and `flat` matches Avalanche's concatenation). A slot that is absent again is
+    not zeroed again unless something wrote into it since (its version counter says;
+    writes that bypass it, through `.data` or NumPy, are not seen): a frozen backbone
+    costs no memory traffic per capture.
 
     A parameter of an integer or bool dtype (a frozen lookup table, say) can never
     have a gradient: its slot is always absent, zeros of the other slots' dtype, so
@@ -39,6 +42,8 @@ class ReferenceGradient:
         # What as_list() returns, kept up to date by capture_: project_ reads it at every call.
         self._refs: List[Optional[torch.Tensor]] = [None] * len(params)
         self._buffer: Optional[torch.Tensor] = None
+        # Per slot: its version counter when it was last left all zeros, else None.
+        self._zeros_at: List[Optional[int]] = [None] * len(params)
 
         kinds = {(p.dtype, p.device) for p in params if _can_have_grad(p)}
         if len(kinds) > 1:
@@ -102,15 +107,31 @@ class ReferenceGradient:
                 if g.dtype != slot.dtype:  # a copy would silently round it
                     raise TypeError(f"params[{i}].grad has dtype {g.dtype}, the reference {slot.dtype}")
             grads.append(g)
+        # Absent slots hold zeros, so that `flat` stays Avalanche's layout; one already
+        # zeroed and not written since (same version counter) is left as it is. Decided before
+        # this call's copies, which bump the counter that a buffer's slots share.
+        stale = [
+            slot for slot, g, z in zip(self._slots, grads, self._zeros_at)
+            if g is None and (z is None or z != _version(slot))
+        ]
         # Multi-tensor copy and fill: on CUDA a few kernel launches instead of one per slot.
         present = [(slot, g) for slot, g in zip(self._slots, grads) if g is not None]
         if present:
             torch._foreach_copy_([slot for slot, _ in present], [g for _, g in present])
-        absent = [slot for slot, g in zip(self._slots, grads) if g is None]
-        if absent:
-            torch._foreach_zero_(absent)  # so `flat` stays Avalanche's layout (zeros for a None grad)
+        if stale:
+            torch._foreach_zero_(stale)
         self._refs = [slot if g is not None else None for slot, g in zip(self._slots, grads)]
+        # Read after every write of this call (slots of one buffer share one counter).
+        self._zeros_at = [_version(slot) if g is None else None for slot, g in zip(self._slots, grads)]
         return self
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """t's version counter (bumped by every in-place write through torch), or None where
+    there is none to trust: an inference tensor, or a traced one under torch.compile."""
+    if t.is_inference() or torch.compiler.is_compiling():
+        return None
+    return t._version
 
 
 def _can_have_grad(p: torch.Tensor) -> bool:

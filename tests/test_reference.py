@@ -337,3 +337,44 @@ def test_flat_after_capturing_none_grads_is_avalanche_layout(backend, device):
             p.grad = c.clone()
         res = agem_fast.project_(params, form)
         check_call(res, orc, [p.grad for p in params], cur, device)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_absent_slots_are_zeroed_once_until_written(device, monkeypatch, mixed):
+    """An absent slot holds zeros (Avalanche's flat layout). One that stays absent (a
+    frozen parameter) is not zeroed again at every capture, unless it was written since:
+    through `flat`, or present in between."""
+    gen = torch.Generator().manual_seed(12)
+    dtypes = [torch.float32, torch.float64] * 3 if mixed else None
+    params = make_params(device, dtypes)
+    rg = agem_fast.ReferenceGradient(params)
+    zeroed = []
+    real_zero = torch._foreach_zero_
+
+    def recording_zero(tensors):
+        zeroed.append([t.data_ptr() for t in tensors])
+        real_zero(tensors)
+
+    monkeypatch.setattr(torch, "_foreach_zero_", recording_zero)
+    slots = [t.data_ptr() for t in rg._slots]
+
+    def capture(none):
+        zeroed.clear()
+        set_grads(params, gen, none=none)
+        rg.capture_(params)
+        for i in none:  # every absent slot holds zeros, however it got them
+            assert not rg._slots[i].any() and rg._slots[i].signbit().logical_not().all()
+        return sorted(p for call in zeroed for p in call)
+
+    assert capture(none=(1, 3)) == sorted([slots[1], slots[3]])
+    assert capture(none=(1, 3)) == []  # still zeros, not written since
+    assert capture(none=(1,)) == []
+    assert capture(none=(1, 3)) == [slots[3]]  # slot 3 held a gradient in between
+    if not mixed:
+        rg.flat.add_(1.0)  # a write into the buffer: every absent slot is stale
+        assert capture(none=(1, 3)) == sorted([slots[1], slots[3]])
+        rg.flat[:1].mul_(-0.0)  # even a write that cannot be seen in the values
+        assert capture(none=(1, 3)) == sorted([slots[1], slots[3]])
+    else:
+        rg._slots[1].fill_(7.0)
+        assert capture(none=(1, 3)) == [slots[1]]
