@@ -34,7 +34,14 @@ if build_ext_flag in ("1", "true", "yes", "on"):
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from agem_fast._build import extension_for_setup  # needs torch in the build env
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "AGEM_FAST_BUILD_EXT=1 compiles against the installed torch, which pip's isolated "
+            "build environment does not have: install torch first, then run "
+            "`AGEM_FAST_BUILD_EXT=1 pip install --no-build-isolation .`")
+    from agem_fast._build import extension_for_setup
 
     ext, build_ext = extension_for_setup(ROOT / "csrc")
     ext_modules.append(ext)

@@ -113,7 +113,8 @@ def main(argv=None) -> int:
         info = _extension.build_info()
         print(f"agem_fast: extension ready ({_extension.status()['source']}): {info}")
         if _build.env_flag("AGEM_FAST_REQUIRE_CUDA") and not info["cuda"]:
-            why = _extension.status()["cuda_error"] or _build.want_cuda()[1]
+            why = (_extension.status()["cuda_error"] or _build.want_cuda()[1]
+                   or "a prebuilt agem_fast._C without CUDA kernels was loaded (AGEM_FAST_JIT=1 builds them)")
             print(f"agem_fast: AGEM_FAST_REQUIRE_CUDA=1 but the CUDA kernels were not built: {why}",
                   file=sys.stderr)
             return 1

@@ -54,8 +54,28 @@ def csrc_dir() -> Path:
 
 
 def _is_toolkit(path: Optional[str]) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+    nvcc = "nvcc.exe" if os.name == "nt" else "nvcc"
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", nvcc)) and os.path.isfile(
         os.path.join(path, "include", "cuda.h"))
+
+
+def toolkit_version(home: str) -> Optional[tuple]:
+    """(major, minor) of the toolkit at `home`, from its cuda.h (no subprocess)."""
+    try:
+        with open(os.path.join(home, "include", "cuda.h"), errors="ignore") as f:
+            match = re.search(r"#define\s+CUDA_VERSION\s+(\d+)", f.read())
+    except OSError:
+        return None
+    if not match:
+        return None
+    version = int(match.group(1))  # e.g. 13000 for 13.0
+    return version // 1000, (version % 1000) // 10
+
+
+def _by_version(path: str) -> tuple:
+    """Sort key of a /usr/local/cuda-X.Y folder: its version as numbers (12.10 > 12.9)."""
+    numbers = re.findall(r"\d+", os.path.basename(path))
+    return tuple(int(n) for n in numbers)
 
 
 def find_cuda_home() -> Optional[str]:
@@ -82,7 +102,11 @@ def find_cuda_home() -> Optional[str]:
             for match in re.finditer(r"(/[^\s'\"`;:$()]+)/bin/nvcc", head.decode(errors="ignore")):
                 if _is_toolkit(match.group(1)):
                     return match.group(1)
-    for candidate in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+    versioned = sorted(glob.glob("/usr/local/cuda-*"), key=_by_version, reverse=True)
+    if torch.version.cuda:  # the newest of torch's major version first, then the others
+        major = torch.version.cuda.split(".")[0]
+        versioned.sort(key=lambda p: _by_version(p)[:1] != (int(major),))
+    for candidate in ["/usr/local/cuda", *versioned]:
         if _is_toolkit(candidate):
             return candidate
     return None
@@ -94,8 +118,18 @@ def want_cuda() -> tuple[bool, str]:
         return False, "disabled by AGEM_FAST_CUDA=0"
     if torch.version.cuda is None:
         return False, "torch is not a CUDA build"
-    if find_cuda_home() is None:
+    home = find_cuda_home()
+    if home is None:
+        given = os.environ.get("CUDA_HOME")
+        if given:
+            return False, f"no CUDA toolkit found (CUDA_HOME={given} has no bin/nvcc and include/cuda.h)"
         return False, "no CUDA toolkit found (set CUDA_HOME)"
+    version = toolkit_version(home)
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if version is not None and version[0] != torch_major:
+        # Kernels built by another major version would link another CUDA runtime.
+        return False, (f"the CUDA toolkit at {home} is {version[0]}.{version[1]} but torch was built "
+                       f"with CUDA {torch.version.cuda} (set CUDA_HOME to a {torch_major}.x toolkit)")
     return True, ""
 
 
@@ -115,8 +149,10 @@ def _import_cpp_extension():
 
 @contextmanager
 def build_environment(with_cuda: bool):
-    """CUDA_HOME, TORCH_CUDA_ARCH_LIST and ninja on PATH, restored afterwards."""
-    saved_env = dict(os.environ)
+    """CUDA_HOME, TORCH_CUDA_ARCH_LIST and ninja on PATH, restored afterwards (only those:
+    other threads may change the environment meanwhile)."""
+    names = ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "PATH")
+    saved_env = {name: os.environ.get(name) for name in names}
     home = find_cuda_home()
     if home:  # before torch.utils.cpp_extension is first imported: it guesses at import
         os.environ["CUDA_HOME"] = home
@@ -135,8 +171,11 @@ def build_environment(with_cuda: bool):
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         cpp_extension.CUDA_HOME = saved_home
 
 
@@ -150,13 +189,28 @@ def jit_name(with_cuda: bool) -> str:
     return "agem_fast_ext_cuda" if with_cuda else "agem_fast_ext"
 
 
-def is_cached(name: str) -> bool:
+def _libraries(name: str) -> list:
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        return bool(glob.glob(os.path.join(_get_build_directory(name, verbose=False), "*.so")))
+        return glob.glob(os.path.join(_get_build_directory(name, verbose=False), "*.so"))
     except Exception:
-        return False
+        return []
+
+
+def is_cached(name: str) -> bool:
+    return bool(_libraries(name))
+
+
+def needs_compiling(name: str) -> bool:
+    """Whether loading `name` will compile: no library yet, or a source newer than it
+    (after an upgrade, say). A guess for the notice; ninja decides."""
+    libraries = _libraries(name)
+    if not libraries:
+        return True
+    built = min(os.path.getmtime(lib) for lib in libraries)
+    root = csrc_dir()
+    return any(os.path.getmtime(f) > built for f in root.rglob("*") if f.suffix in (".cpp", ".cu", ".h"))
 
 
 def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
@@ -171,10 +225,11 @@ def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
         from torch.utils import cpp_extension
 
         def compile_and_import():
-            if not is_cached(name):
+            if needs_compiling(name):
                 what = "C++ and CUDA" if with_cuda else "C++"
                 how_long = "a few minutes" if with_cuda else "about a minute"
-                print(f"agem_fast: compiling the {what} extension (first use only, {how_long})...",
+                print(f"agem_fast: compiling the {what} extension (once per version, {how_long}; "
+                      f"cached in {cpp_extension._get_build_directory(name, verbose=False)})...",
                       file=sys.stderr, flush=True)
             return cpp_extension.load(
                 name=name,
@@ -195,6 +250,10 @@ def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
             if not (is_cached(name) and _damaged_library(exc)):
                 raise
             shutil.rmtree(cpp_extension._get_build_directory(name, verbose=False), ignore_errors=True)
+            # torch remembers what it built in this process and would only import again
+            versioner = getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None)
+            if versioner is not None:
+                versioner.entries.pop(name, None)
             return compile_and_import()
 
 

@@ -50,6 +50,10 @@ def load(*, honour_backend_env: bool = True):
         if _state["attempted"]:
             return _loaded_or_raise()
         strict = _strict()  # a malformed value raises here, before anything is recorded
+        from ._build import env_flag
+
+        env_flag("AGEM_FAST_JIT")  # ... and so do these (read while building)
+        env_flag("AGEM_FAST_CUDA", True)
         try:
             module, source = _import_or_build(strict)
             cuda = bool(module.build_info()["cuda"])
@@ -62,7 +66,7 @@ def load(*, honour_backend_env: bool = True):
             warnings.warn(
                 f"agem_fast: the C++/CUDA extension could not be built ({_first_line(exc)}); using the "
                 "pure-PyTorch backend. `python -m agem_fast info` shows the full reason.",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning, stacklevel=_caller_level())
             return None
         _state.update(module=module, status="loaded", source=source, cuda=cuda)
         _state["attempted"] = True  # last: a thread that sees it sees the whole state
@@ -102,16 +106,36 @@ def _import_or_build(strict: bool):
         warnings.warn(
             f"agem_fast: the CUDA kernels could not be built ({_first_line(cuda_exc)}); "
             "using the C++ kernels only, CUDA tensors use the pure-PyTorch backend. "
-            "`python -m agem_fast info` shows the full reason.", RuntimeWarning, stacklevel=4)
+            "`python -m agem_fast info` shows the full reason.", RuntimeWarning, stacklevel=_caller_level())
         return module, "jit"
 
 
+# What a line that says what went wrong contains (a compiler's or linker's diagnostic, a
+# shell's "not found"), in order of preference.
+_DIAGNOSTICS = ("error:", "undefined reference", "not found", "no such file", "fatal")
+
+
 def _first_line(exc: BaseException) -> str:
-    """The line of an error that says what went wrong (a compiler's `error:` line rather
-    than ninja's command line), shortened for a warning."""
+    """The line of an error that says what went wrong, rather than ninja's progress and
+    command lines, shortened for a warning."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    diagnostics = [ln for ln in lines if "error:" in ln.lower()]  # file:line: error: ...
-    return ((diagnostics or lines or [type(exc).__name__])[0])[:200]
+    said = [ln for ln in lines if not ln.startswith(("[", "FAILED:", "ninja:"))]
+    for key in _DIAGNOSTICS:
+        hits = [ln for ln in said if key in ln.lower() and not ln.startswith("collect2")]
+        if hits:
+            return hits[0][:200]
+    return ((lines or [type(exc).__name__])[0])[:200]
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel for the first frame outside agem_fast: the user's call."""
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _fake_registered = False

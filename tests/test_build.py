@@ -174,6 +174,131 @@ def test_a_cached_build_that_does_not_import_is_rebuilt_once(tmp_path, monkeypat
     assert len(calls) == 1 and build_dir.exists()
 
 
+_STUB_MODULE = """
+#include <pybind11/pybind11.h>
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", []() { return 42; }); }
+"""
+
+_LOAD_STUB = """
+from agem_fast import _build
+print("ANSWER", _build.jit_load(with_cuda=False).answer())
+"""
+
+
+def test_a_damaged_cached_library_is_really_rebuilt(tmp_path):
+    """With torch's own cpp_extension.load (which remembers what it built in the process
+    and would only import again): a truncated library in the cache is built afresh and
+    loads, in the same process. Stub sources keep the compile to seconds."""
+    src = tmp_path / "csrc"
+    for name in _build.CPU_SOURCES:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("")
+    (src / "agem_python.cpp").write_text(_STUB_MODULE)
+    env = {k: v for k, v in os.environ.items() if k != "AGEM_FAST_BACKEND"}
+    env.update(AGEM_FAST_CSRC=str(src), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+
+    def load():
+        return subprocess.run([sys.executable, "-c", _LOAD_STUB], capture_output=True, text=True,
+                              env=env, timeout=600)
+
+    first = load()
+    assert "ANSWER 42" in first.stdout, first.stderr[-3000:]
+    assert "compiling the C++ extension" in first.stderr  # the notice, for a first build
+    (library,) = (tmp_path / "ext" / "agem_fast_ext").glob("*.so")
+    library.write_bytes(b"")
+    second = load()
+    assert "ANSWER 42" in second.stdout, second.stderr[-3000:]
+    assert library.stat().st_size > 0
+    third = load()  # up to date: no notice
+    assert "ANSWER 42" in third.stdout and "compiling" not in third.stderr, third.stderr
+    os.utime(src / "agem_ops.cpp")  # a newer source (an upgrade): rebuilt, with the notice
+    fourth = load()
+    assert "ANSWER 42" in fourth.stdout and "compiling the C++ extension" in fourth.stderr
+
+
+def test_the_warning_names_the_line_that_says_what_went_wrong():
+    from agem_fast._extension import _first_line
+
+    ninja = RuntimeError(
+        "Error building extension 'agem_fast_ext': [1/4] /nonexistent/c++ -MMD -MF agem_ops.o.d "
+        "-DTORCH_EXTENSION_NAME=agem_fast_ext -isystem /x/include -c /x/agem_ops.cpp -o agem_ops.o\n"
+        "FAILED: agem_ops.o\n/nonexistent/c++ -MMD -MF agem_ops.o.d -c /x/agem_ops.cpp\n"
+        "/bin/sh: 1: /nonexistent/c++: not found\nninja: build stopped: subcommand failed.\n")
+    assert _first_line(ninja) == "/bin/sh: 1: /nonexistent/c++: not found"
+    linker = RuntimeError(
+        "Error building extension 'x': [3/3] c++ a.o b.o -shared -o x.so\nFAILED: x.so\n"
+        "/usr/bin/ld: a.o: in function `f':\na.cpp:(.text+0x5): undefined reference to `g()'\n"
+        "collect2: error: ld returned 1 exit status\n")
+    assert "undefined reference to `g()'" in _first_line(linker)
+    compiler = RuntimeError("[1/2] c++ -c a.cpp\nFAILED: a.o\na.cpp:3:2: error: #error broken\n")
+    assert _first_line(compiler) == "a.cpp:3:2: error: #error broken"
+    assert _first_line(ValueError("plain message")) == "plain message"
+
+
+def test_the_fallback_warning_points_at_the_callers_line(monkeypatch):
+    import agem_fast
+
+    def build(strict):
+        raise RuntimeError("compiler missing")
+
+    _fresh_loader(monkeypatch, build)
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="compiler missing") as caught:
+        agem_fast.project_([p], [-torch.ones(3)])
+    assert [w.filename for w in caught] == [__file__]
+
+
+@pytest.mark.parametrize("name", ["AGEM_FAST_JIT", "AGEM_FAST_CUDA"])
+def test_a_malformed_build_flag_is_an_error_at_every_call(monkeypatch, name):
+    def build(strict):
+        raise AssertionError("not reached: the flag is checked first")
+
+    ext = _fresh_loader(monkeypatch, build)
+    monkeypatch.setenv(name, "2")
+    for _ in range(2):
+        with pytest.raises(ValueError, match=name):
+            ext.load()
+    assert ext.status()["status"] != "failed"
+
+
+def test_toolkits_are_found_by_version_and_a_major_mismatch_is_refused(tmp_path, monkeypatch):
+    if torch.version.cuda is None:
+        pytest.skip("needs a CUDA build of torch")
+    major = int(torch.version.cuda.split(".")[0])
+    roots = {}
+    for version in (f"{major - 1}.8", f"{major}.2", f"{major}.10", f"{major + 1}.0"):
+        root = _fake_toolkit(tmp_path / f"cuda-{version}")
+        a, b = version.split(".")
+        (root / "include" / "cuda.h").write_text(f"#define CUDA_VERSION {int(a) * 1000 + int(b) * 10}\n")
+        roots[version] = root
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-nvcc-here"))
+    real_glob = _build.glob.glob
+    monkeypatch.setattr(_build.glob, "glob", lambda pattern: [str(r) for r in roots.values()]
+                        if pattern == "/usr/local/cuda-*" else real_glob(pattern))
+    monkeypatch.setattr(_build, "_is_toolkit", lambda path: bool(path) and Path(path) in roots.values())
+    # the newest of torch's major version (10 > 2 as numbers, not as text)
+    assert _build.find_cuda_home() == str(roots[f"{major}.10"])
+    assert _build.toolkit_version(str(roots[f"{major}.10"])) == (major, 10)
+    monkeypatch.setenv("CUDA_HOME", str(roots[f"{major - 1}.8"]))
+    ok, why = _build.want_cuda()
+    assert not ok and f"is {major - 1}.8 but torch was built with CUDA {torch.version.cuda}" in why
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nothing"))
+    monkeypatch.setattr(_build, "_is_toolkit", lambda path: False)
+    ok, why = _build.want_cuda()
+    assert not ok and f"CUDA_HOME={tmp_path / 'nothing'} has no bin/nvcc" in why
+
+
+def test_build_environment_leaves_other_variables_alone(monkeypatch):
+    """Only what it sets is restored: a variable another thread sets meanwhile stays."""
+    monkeypatch.delenv("AGEM_FAST_TEST_OTHER", raising=False)
+    with _build.build_environment(with_cuda=_build.want_cuda()[0]):
+        os.environ["AGEM_FAST_TEST_OTHER"] = "set meanwhile"
+    assert os.environ.pop("AGEM_FAST_TEST_OTHER") == "set meanwhile"
+
+
 @pytest.mark.parametrize("cuda", ["0", "1"])
 def test_failed_build_warns_once_and_falls_back(tmp_path, cuda):
     """A broken C++ source: one warning, naming the compiler's error, whether or not the
