@@ -202,15 +202,15 @@ def is_cached(name: str) -> bool:
     return bool(_libraries(name))
 
 
-def needs_compiling(name: str) -> bool:
-    """Whether loading `name` will compile: no library yet, or a source newer than it
-    (after an upgrade, say). A guess for the notice; ninja decides."""
+def needs_compiling(name: str, sources) -> bool:
+    """Whether loading `name` will compile: no library yet, or a source or header newer
+    than it (after an upgrade, say). A guess for the notice; ninja decides."""
     libraries = _libraries(name)
     if not libraries:
         return True
     built = min(os.path.getmtime(lib) for lib in libraries)
-    root = csrc_dir()
-    return any(os.path.getmtime(f) > built for f in root.rglob("*") if f.suffix in (".cpp", ".cu", ".h"))
+    files = [*sources, *csrc_dir().glob("*.h")]
+    return any(os.path.getmtime(f) > built for f in files)
 
 
 def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
@@ -225,7 +225,7 @@ def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
         from torch.utils import cpp_extension
 
         def compile_and_import():
-            if needs_compiling(name):
+            if needs_compiling(name, sources):
                 what = "C++ and CUDA" if with_cuda else "C++"
                 how_long = "a few minutes" if with_cuda else "about a minute"
                 print(f"agem_fast: compiling the {what} extension (once per version, {how_long}; "
