@@ -20,7 +20,11 @@ DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
 CPU_SOURCES = ["agem_ops.cpp", "agem_python.cpp", "cpu/agem_cpu.cpp"]
 CUDA_SOURCES = ["cuda/agem_cuda.cu"]
 
-CXX_FLAGS = ["-O3", "-fopenmp"]  # torch adds its own -std (C++20 for torch 2.14)
+# torch adds its own -std (C++20 for torch 2.14). Apple's clang has no -fopenmp (no OpenMP
+# runtime): there only the `omp simd` loops are honoured, and at::parallel_for runs serially.
+OPENMP_FLAGS = ["-fopenmp-simd"] if sys.platform == "darwin" else ["-fopenmp"]
+OPENMP_LDFLAGS = [] if sys.platform == "darwin" else ["-fopenmp"]
+CXX_FLAGS = ["-O3", *OPENMP_FLAGS]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
@@ -236,7 +240,7 @@ def jit_load(verbose: bool = False, with_cuda: Optional[bool] = None):
                 sources=sources,
                 extra_cflags=CXX_FLAGS + (["-DAGEM_FAST_WITH_CUDA"] if with_cuda else []),
                 extra_cuda_cflags=NVCC_FLAGS + ["-DAGEM_FAST_WITH_CUDA"],
-                extra_ldflags=["-fopenmp"],
+                extra_ldflags=OPENMP_LDFLAGS,
                 with_cuda=with_cuda,
                 verbose=verbose,
             )
@@ -280,8 +284,8 @@ def extension_for_setup(root: Path):
         ext = cpp_extension.CUDAExtension(
             "agem_fast._C", sources, extra_compile_args={
                 "cxx": cxx, "nvcc": NVCC_FLAGS + ["-DAGEM_FAST_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=OPENMP_LDFLAGS)
     else:
         ext = cpp_extension.CppExtension("agem_fast._C", sources, extra_compile_args={"cxx": cxx},
-                                         extra_link_args=["-fopenmp"])
+                                         extra_link_args=OPENMP_LDFLAGS)
     return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)

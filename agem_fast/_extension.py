@@ -22,6 +22,7 @@ _state = {
     "error": None,
     "cuda_error": None,       # why the CUDA kernels are missing when only they failed
     "fatal": None,            # the build error, when AGEM_FAST_STRICT=1 made it fatal
+    "prebuilt_error": None,   # why an installed agem_fast._C did not load (JIT instead)
 }
 
 
@@ -85,12 +86,14 @@ def _import_or_build(strict: bool):
     from . import _build
 
     if not _build.env_flag("AGEM_FAST_JIT"):
-        try:
-            from . import _C  # built by `AGEM_FAST_BUILD_EXT=1 pip install .`
+        import importlib
+        import importlib.util
 
-            return _C, "prebuilt"
-        except ImportError:
-            pass
+        try:  # built by `AGEM_FAST_BUILD_EXT=1 pip install .`
+            if importlib.util.find_spec(f"{__package__}._C") is not None:
+                return importlib.import_module(f"{__package__}._C"), "prebuilt"
+        except ImportError as exc:  # there, but it does not load (built for another torch?)
+            _state["prebuilt_error"] = f"{type(exc).__name__}: {exc}"
     if not _build.want_cuda()[0]:
         return _build.jit_load(with_cuda=False), "jit"
     try:

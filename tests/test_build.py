@@ -521,3 +521,42 @@ def test_a_strict_failed_build_raises_at_every_call(monkeypatch):
             ext.load()
         assert "compiler missing" in str(info.value.__cause__)
     assert calls == [1] and ext.status()["status"] == "failed"
+
+
+def test_apple_clang_gets_no_openmp_runtime_flags(monkeypatch):
+    """Apple's clang refuses -fopenmp (no runtime): the kernels are built with
+    -fopenmp-simd only (checked here with GCC: the suite passes on such a build)."""
+    import importlib
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    try:
+        darwin = importlib.reload(_build)
+        assert "-fopenmp" not in darwin.CXX_FLAGS and "-fopenmp-simd" in darwin.CXX_FLAGS
+        assert darwin.OPENMP_LDFLAGS == []
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_build)
+    assert "-fopenmp" in _build.CXX_FLAGS and _build.OPENMP_LDFLAGS == ["-fopenmp"]
+
+
+def test_a_prebuilt_module_that_does_not_load_is_reported(monkeypatch):
+    """An installed agem_fast._C that fails to import (built for another torch, say) is
+    passed over for a JIT build, and `info` can say why."""
+    import importlib.abc
+
+    from agem_fast import _extension
+
+    class Damaged(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "agem_fast._C":
+                raise ImportError("agem_fast/_C.so: undefined symbol: _ZN3c10foo")
+            return None
+
+    monkeypatch.delitem(sys.modules, "agem_fast._C", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Damaged(), *sys.meta_path])
+    monkeypatch.delenv("AGEM_FAST_JIT", raising=False)
+    monkeypatch.setattr(_extension, "_state", {**_extension._state, "prebuilt_error": None})
+    monkeypatch.setattr(_build, "want_cuda", lambda: (False, "test"))
+    monkeypatch.setattr(_build, "jit_load", lambda with_cuda: "jit module")
+    assert _extension._import_or_build(strict=False) == ("jit module", "jit")
+    assert "undefined symbol" in _extension._state["prebuilt_error"]
