@@ -76,6 +76,10 @@ def toolkit_version(home: str) -> Optional[tuple]:
     return version // 1000, (version % 1000) // 10
 
 
+def _torch_cuda_major() -> Optional[int]:
+    return int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+
+
 def _by_version(path: str) -> tuple:
     """Sort key of a /usr/local/cuda-X.Y folder: its version as numbers (12.10 > 12.9)."""
     numbers = re.findall(r"\d+", os.path.basename(path))
@@ -106,10 +110,10 @@ def find_cuda_home() -> Optional[str]:
             for match in re.finditer(r"(/[^\s'\"`;:$()]+)/bin/nvcc", head.decode(errors="ignore")):
                 if _is_toolkit(match.group(1)):
                     return match.group(1)
-    versioned = sorted(glob.glob("/usr/local/cuda-*"), key=_by_version, reverse=True)
-    if torch.version.cuda:  # the newest of torch's major version first, then the others
-        major = torch.version.cuda.split(".")[0]
-        versioned.sort(key=lambda p: _by_version(p)[:1] != (int(major),))
+    # The newest of torch's major version first, then the others, newest first.
+    major = _torch_cuda_major()
+    versioned = sorted(glob.glob("/usr/local/cuda-*"),
+                       key=lambda p: (_by_version(p)[:1] == (major,), _by_version(p)), reverse=True)
     for candidate in ["/usr/local/cuda", *versioned]:
         if _is_toolkit(candidate):
             return candidate
@@ -129,7 +133,7 @@ def want_cuda() -> tuple[bool, str]:
             return False, f"no CUDA toolkit found (CUDA_HOME={given} has no bin/nvcc and include/cuda.h)"
         return False, "no CUDA toolkit found (set CUDA_HOME)"
     version = toolkit_version(home)
-    torch_major = int(torch.version.cuda.split(".")[0])
+    torch_major = _torch_cuda_major()
     if version is not None and version[0] != torch_major:
         # Kernels built by another major version would link another CUDA runtime.
         return False, (f"the CUDA toolkit at {home} is {version[0]}.{version[1]} but torch was built "

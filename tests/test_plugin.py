@@ -963,6 +963,17 @@ class _Sequences(torch.utils.data.Dataset):
         return self.x[i], i % 2, 0
 
 
+def _reference_batches_side_by_side(theirs, ours, exp, seed, n):
+    """Each plugin stores `exp` from the same Python seed, then draws n reference
+    batches: (Avalanche's, ours) pairs."""
+    batches = []
+    for plugin in (theirs, ours):
+        random.seed(seed)
+        plugin.update_memory(exp)
+        batches.append([plugin.sample_from_memory() for _ in range(n)])
+    return list(zip(*batches))
+
+
 def _pad_collate(items):
     """Pads every pattern to the longest of its batch: a batch-dependent collate."""
     xs, ys, ts = zip(*items)
@@ -989,12 +1000,7 @@ def test_tensor_memory_refuses_a_batch_dependent_collate_and_changes_nothing():
 
     theirs, ours = AvalancheAGEMPlugin(10, 4), AGEMPlugin(10, 4, memory="dataset")
     for exp in (exp1, exp2):
-        batches = []
-        for plugin in (theirs, ours):
-            random.seed(5)
-            plugin.update_memory(exp)
-            batches.append([plugin.sample_from_memory() for _ in range(3)])
-        for a, b in zip(*batches):
+        for a, b in _reference_batches_side_by_side(theirs, ours, exp, seed=5, n=3):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -1019,12 +1025,7 @@ def test_tensor_memory_keeps_non_tensor_fields_like_avalanche(tmp_path):
     exps = [AvalancheDataset([_WithPaths(12, seed)]) for seed in (0, 1)]
     theirs, ours = AvalancheAGEMPlugin(5, 4), AGEMPlugin(5, 4)
     for exp in exps:
-        batches = []
-        for plugin in (theirs, ours):
-            random.seed(7)
-            plugin.update_memory(exp)
-            batches.append([plugin.sample_from_memory() for _ in range(4)])
-        for a, b in zip(*batches):
+        for a, b in _reference_batches_side_by_side(theirs, ours, exp, seed=7, n=4):
             assert len(a) == len(b) == 4
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
             assert list(a[2]) == list(b[2]) and len(b[2]) == len(b[0])
