@@ -375,11 +375,17 @@ def test_sdist_carries_every_kernel_source(tmp_path):
         assert f"csrc/{source}" in names, sorted(names)
 
 
-def test_setup_py_prebuilds_the_extension_when_asked(tmp_path):
-    """AGEM_FAST_BUILD_EXT=1 compiles agem_fast._C into the wheel, and it is used."""
+@pytest.mark.parametrize("with_cuda", [False, True], ids=["cpp", "cuda"])
+def test_setup_py_prebuilds_the_extension_when_asked(tmp_path, with_cuda):
+    """AGEM_FAST_BUILD_EXT=1 compiles agem_fast._C into the wheel, and it is used; with a
+    CUDA torch and toolkit the wheel's module holds the CUDA kernels too (setup.py's own
+    CUDAExtension path, GPU-less here: the default architecture list must stand in)."""
     import zipfile
 
-    env = {**os.environ, "AGEM_FAST_BUILD_EXT": "1", "AGEM_FAST_CUDA": "0"}  # C++ only: faster
+    if with_cuda and not _build.want_cuda()[0]:
+        pytest.skip("needs a CUDA build of torch and a CUDA toolkit")
+    env = {**os.environ, "AGEM_FAST_BUILD_EXT": "1", "AGEM_FAST_CUDA": "1" if with_cuda else "0"}
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
                           "-q", "-w", str(tmp_path / "wheel"), str(_repo_copy(tmp_path))],
                          capture_output=True, text=True, env=env, timeout=900)
@@ -393,13 +399,14 @@ def test_setup_py_prebuilds_the_extension_when_asked(tmp_path):
     probe = ("import torch, agem_fast\nfrom agem_fast import _extension\n"
              "p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([1., 2., 3.])\n"
              "res = agem_fast.project_([p], [torch.full((3,), -1.)])\n"
-             "print(_extension.status()['source'], float(res.coef), p.grad.tolist())\n")
+             "print(_extension.status()['source'], _extension.build_info()['cuda'], float(res.coef),"
+             " p.grad.tolist())\n")
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("AGEM_FAST_")}
     run_env.update(PYTHONPATH=str(tmp_path / "site"), TORCH_EXTENSIONS_DIR=str(tmp_path / "no-jit"))
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env=run_env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == "prebuilt -2.0 [-1.0, 0.0, 1.0]"
+    assert run.stdout.strip() == f"prebuilt {with_cuda} -2.0 [-1.0, 0.0, 1.0]"
 
 
 _CUDA_FAIL_PROBE = """
