@@ -66,7 +66,8 @@ def load(*, honour_backend_env: bool = True):
                 return _loaded_or_raise()
             warnings.warn(
                 f"agem_fast: the C++/CUDA extension could not be built ({_first_line(exc)}); using the "
-                "pure-PyTorch backend. `python -m agem_fast info` shows the full reason.",
+                "pure-PyTorch backend. `python -m agem_fast info` shows the full reason; each new "
+                "process tries again, which AGEM_FAST_BACKEND=torch avoids.",
                 RuntimeWarning, stacklevel=_caller_level())
             return None
         _state.update(module=module, status="loaded", source=source, cuda=cuda)
@@ -109,7 +110,8 @@ def _import_or_build(strict: bool):
         warnings.warn(
             f"agem_fast: the CUDA kernels could not be built ({_first_line(cuda_exc)}); "
             "using the C++ kernels only, CUDA tensors use the pure-PyTorch backend. "
-            "`python -m agem_fast info` shows the full reason.", RuntimeWarning, stacklevel=_caller_level())
+            "`python -m agem_fast info` shows the full reason; each new process tries again, "
+            "which AGEM_FAST_CUDA=0 avoids.", RuntimeWarning, stacklevel=_caller_level())
         return module, "jit"
 
 

@@ -309,6 +309,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path, cuda):
     assert out.returncode == 0, out.stderr
     assert "WARNINGS 1" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "deliberately broken" in out.stdout, out.stdout
+    assert "each new process tries again, which AGEM_FAST_BACKEND=torch avoids" in out.stdout
     assert "CUDA_ERROR None" in out.stdout, out.stdout
     assert "STATUS failed" in out.stdout
     assert "BACKEND torch" in out.stdout
@@ -415,7 +416,7 @@ from agem_fast import _extension
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     _extension.load()
-print("WARNINGS", [str(w.message)[:60] for w in caught if "could not be built" in str(w.message)])
+print("WARNINGS", [str(w.message) for w in caught if "could not be built" in str(w.message)])
 s = _extension.status()
 print("STATUS", s["status"], s["cuda"], bool(s["cuda_error"]))
 print("BACKEND", agem_fast._api.backend_for(torch.device("cpu")))
@@ -437,6 +438,7 @@ def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
                          env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "WARNINGS ['agem_fast: the CUDA kernels could not be built" in out.stdout, out.stdout
+    assert "each new process tries again, which AGEM_FAST_CUDA=0 avoids.']" in out.stdout
     assert "STATUS loaded False True" in out.stdout, out.stdout
     assert "BACKEND cpu" in out.stdout, out.stdout
 
