@@ -13,6 +13,17 @@ from ._plan import Plan
 from ._torch_backend import dense_flat, same_dense_layout
 
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # A fork while another thread builds would hand the child this lock held, with no
+    # thread of its own left to release it: its first call would wait forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 _state = {
     "attempted": False,
     "module": None,

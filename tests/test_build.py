@@ -472,6 +472,48 @@ def test_threads_wait_for_a_running_build(monkeypatch):
     assert _extension.status()["status"] == "loaded"
 
 
+_FORK_PROBE = """
+import os, signal, threading, time
+from agem_fast import _extension
+
+class Module:
+    @staticmethod
+    def build_info():
+        return {"cuda": False}
+
+def slow_build(strict):
+    building.set()
+    time.sleep(3)
+    return Module, "jit"
+
+_extension._import_or_build = slow_build
+_extension._register_fake = lambda: None
+building = threading.Event()
+builder = threading.Thread(target=_extension.load)
+builder.start()
+assert building.wait(20)
+pid = os.fork()  # while the builder thread holds the loader's lock
+if pid == 0:
+    signal.alarm(20)  # a child stuck on the inherited lock dies of SIGALRM
+    os._exit(0 if _extension.load() is Module else 3)
+_, status = os.waitpid(pid, 0)
+builder.join()
+print("CHILD", os.waitstatus_to_exitcode(status), "PARENT", _extension.load() is Module)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_during_a_build_can_load(tmp_path):
+    """A fork while a thread builds (a DataLoader starting its workers, say) must not hand
+    the child a held lock that nothing would release: the child builds (here: loads) on
+    its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGEM_FAST_")}
+    out = subprocess.run([sys.executable, "-c", _FORK_PROBE], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "CHILD 0 PARENT True", out.stdout + out.stderr[-2000:]
+
+
 def _fresh_loader(monkeypatch, build):
     from agem_fast import _extension
 
