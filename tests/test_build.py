@@ -408,6 +408,16 @@ def test_setup_py_prebuilds_the_extension_when_asked(tmp_path, with_cuda):
                          env=run_env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == f"prebuilt {with_cuda} -2.0 [-1.0, 0.0, 1.0]"
+    if not with_cuda:
+        # What `pip install agem_fast` users get (no prebuilt module): a JIT build from the
+        # sources shipped inside the installed package.
+        run_env.update(AGEM_FAST_JIT="1", AGEM_FAST_CUDA="0", TORCH_EXTENSIONS_DIR=str(tmp_path / "jit"))
+        probe += "from agem_fast import _build\nprint(_build.csrc_dir())\n"
+        run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env=run_env, cwd=tmp_path, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.split() == ["jit", "False", "-2.0", "[-1.0,", "0.0,", "1.0]",
+                                      str(tmp_path / "site" / "agem_fast" / "csrc")], run.stdout
 
 
 _CUDA_FAIL_PROBE = """
