@@ -13,8 +13,9 @@ from typing import Optional
 
 import torch
 
-# Used when no GPU is visible (e.g. a CI machine): torch would otherwise crash trying to
-# guess the architecture. +PTX lets newer GPUs JIT-compile the sm_90 code.
+# The architectures built when TORCH_CUDA_ARCH_LIST is not set, GPU visible or not (with
+# none, torch would crash guessing). Every GPU CUDA 13 supports runs one of them: an sm_X.Y
+# binary runs on sm_X.Z for Z >= Y, and +PTX lets newer GPUs JIT-compile the sm_90 code.
 DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 CPU_SOURCES = ["agem_ops.cpp", "agem_python.cpp", "cpu/agem_cpu.cpp"]
@@ -141,6 +142,35 @@ def want_cuda() -> tuple[bool, str]:
     return True, ""
 
 
+def _runs_on(arch_list: str, major: int, minor: int) -> bool:
+    """Whether a build for `arch_list` ("7.5;8.0;9.0+PTX") has code a GPU of compute
+    capability major.minor runs."""
+    for entry in arch_list.split(";"):
+        ptx = entry.endswith("+PTX")
+        arch = tuple(int(x) for x in entry.removesuffix("+PTX").split("."))
+        if (arch[0] == major and arch[1] <= minor) or (ptx and arch <= (major, minor)):
+            return True
+    return False
+
+
+def default_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST for a build when the user sets none.
+
+    The same fixed list whether or not a GPU is visible, rather than torch's choice of the
+    visible GPU's architecture only: a build made on a GPU-less login node then serves the
+    GPU nodes that share its cache, and nodes with different GPUs do not rebuild over each
+    other. Only a visible GPU that list cannot run (older than sm_75, possible with a CUDA
+    12 toolkit) adds its own architecture.
+    """
+    archs = DEFAULT_ARCH_LIST
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            if not _runs_on(archs, major, minor):
+                archs = f"{major}.{minor};{archs}"
+    return archs
+
+
 def _import_cpp_extension():
     """torch.utils.cpp_extension, without its "No CUDA runtime is found" log on GPU-less hosts."""
     import logging
@@ -175,8 +205,8 @@ def build_environment(with_cuda: bool):
             pass
         if with_cuda:
             cpp_extension.CUDA_HOME = home  # read by torch when it locates nvcc
-            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+            if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
         yield
     finally:
         for name, value in saved_env.items():
@@ -283,8 +313,8 @@ def extension_for_setup(root: Path):
         home = find_cuda_home()
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
         ext = cpp_extension.CUDAExtension(
             "agem_fast._C", sources, extra_compile_args={
                 "cxx": cxx, "nvcc": NVCC_FLAGS + ["-DAGEM_FAST_WITH_CUDA"]},

@@ -52,9 +52,26 @@ def test_build_environment_is_restored(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     before = dict(os.environ)
     with _build.build_environment(with_cuda=_build.want_cuda()[0]):
-        if _build.want_cuda()[0] and not torch.cuda.is_available():
-            assert os.environ["TORCH_CUDA_ARCH_LIST"] == _build.DEFAULT_ARCH_LIST
+        if _build.want_cuda()[0]:
+            assert os.environ["TORCH_CUDA_ARCH_LIST"] == _build.default_arch_list()
     assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    ([], "7.5;8.0;9.0+PTX"),                          # no GPU visible
+    ([(9, 0)], "7.5;8.0;9.0+PTX"),                    # H100: the same build as without a GPU
+    ([(8, 6), (8, 9), (7, 5)], "7.5;8.0;9.0+PTX"),    # sm_80 code runs on 8.6 and 8.9
+    ([(10, 0), (12, 0)], "7.5;8.0;9.0+PTX"),          # newer: the sm_90 PTX, JIT-compiled
+    ([(7, 0)], "7.0;7.5;8.0;9.0+PTX"),                # older than the list: added
+    ([(6, 1), (7, 0), (7, 0)], "7.0;6.1;7.5;8.0;9.0+PTX"),
+])
+def test_default_arch_list_is_the_same_with_or_without_a_gpu(monkeypatch, capabilities, expected):
+    """One build serves a GPU-less login node and the GPU nodes sharing its cache; only a
+    GPU the fixed list cannot run adds its architecture."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(capabilities))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    assert _build.default_arch_list() == expected
 
 
 _PROBE = """
