@@ -77,6 +77,40 @@ def test_forcing_the_baseline_changes_the_code_that_runs(ext):
     assert not torch.equal(results[False][1], results[True][1])  # pass 2, same coef
 
 
+def test_the_default_copy_is_the_avx2_one_and_the_forced_one_the_baseline(ext):
+    """The test above shows the two halves of the `isa` fixture differ, not which is which:
+    swapped, every oracle test still passes, while the default run leaves AVX2 unused and
+    a CPU without AVX2 runs the AVX2 copy (an illegal instruction). The fp32 update tells
+    them apart. With FMA, g - c*r is rounded once: the float64 value rounded to fp32 (c
+    is coef rounded to fp32, as the kernels take it; c*r is exact in float64). Without
+    FMA, c*r is rounded to fp32 first."""
+    module = ext.load()
+    if module.build_info()["cpu_isa"] != "avx2":
+        pytest.skip("this machine runs the baseline copies only")
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(3 * CHUNK + 5,), (40, 33), (7,)]
+    for baseline in (False, True):
+        params, refs = _case(shapes, torch.float32, "cpu", int(torch.randint(1 << 30, (), generator=gen)))
+        before = [p.grad.clone() for p in params]
+        module._force_cpu_baseline(baseline)
+        try:
+            res = _run(params, refs, "cpu")  # against the float64 oracle
+        finally:
+            module._force_cpu_baseline(False)
+        assert bool(res.projected)
+        c = res.coef.float()
+        n_differ = 0
+        for i, (p, g, r) in enumerate(zip(params, before, refs)):
+            fused = (g.double() - c.double() * r.double()).float()
+            unfused = g - c * r  # fp32 ops: the product rounded, then the difference
+            n_differ += int((fused != unfused).sum())
+            expected = unfused if baseline else fused
+            assert torch.equal(p.grad, expected), (
+                f"params[{i}].grad: the {'forced baseline' if baseline else 'default (avx2)'} copy "
+                f"does not round like the {'unfused' if baseline else 'fused'} update")
+        assert n_differ > 100  # the case does tell the two roundings apart
+
+
 def _case(shapes, dtype, device, seed, *, coupling=-0.7):
     """Params with random grads g = n + coupling * r, refs r; never zeros."""
     gen = torch.Generator().manual_seed(seed)

@@ -928,6 +928,44 @@ def test_cpu_bitwise_identical_for_any_thread_count_with_a_broadcast_reference(d
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_bitwise_identical_for_any_thread_count_over_many_chunks(dtype, backend):
+    """DESIGN section 1: the partials of many chunks (the extension's 16K-element chunks,
+    the torch backend's rows) are added in one fixed order, whatever the thread count.
+    The test above cannot see a reduction regrouped by thread: its partials are mostly
+    fp32 values of one magnitude, whose fp64 sum is exact in any order. Here every
+    tensor spans several chunks and has its own scale (2^-20 .. 2^20), so any regrouping
+    of the fp64 additions changes the last bits of dot and rr."""
+    if backend == "torch-packed":
+        pytest.skip("the GPU path: deterministic run to run on one device, not across CPU thread counts")
+    rnd = random.Random(23)
+    specs = [Spec((3 * (1 << 14) + rnd.randint(1, 5000),), dtype, scale=2.0 ** rnd.randint(-20, 20))
+             for _ in range(12)]
+    specs.append(Spec((2 * (1 << 14) + 3,), dtype, grad=False, scale=2.0 ** 10))  # reference-only
+    case = build_case(specs, 31, alpha=-0.4, device="cpu")
+    orc = oracle(case.grads, case.refs, case.eps)
+    saved = [None if p.grad is None else p.grad.clone() for p in case.params]
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            for p, g in zip(case.params, saved):
+                if g is not None:
+                    p.grad.copy_(g)
+            res = agem_fast.project_(case.params, case.ref_arg)
+            if n == 1:
+                check_call(res, orc, [p.grad for p in case.params], saved, "cpu")
+            outs.append([bits(getattr(res, name)) for name in ("dot", "ref_sq_norm", "coef")]
+                        + [bits(p.grad) for p in case.params if p.grad is not None])
+    finally:
+        torch.set_num_threads(old)
+    assert bool(res.projected)
+    for n, out in zip((2, 3, 4), outs[1:]):
+        for k, (a, b) in enumerate(zip(outs[0], out)):
+            assert torch.equal(a, b), f"{n} threads: output {k} differs from 1 thread"
+
+
 def test_coef_beyond_fp32_range_updates_like_the_extension(backend):
     """dot ~ -1 over rr ~ 1e-40 (an fp64 pair) gives coef ~ -8e39, past fp32's range. The
     fp32 and bf16 updates take coef rounded to their fp32 math (DESIGN section 1), -inf,
