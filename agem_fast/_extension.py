@@ -24,6 +24,7 @@ def _new_lock_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_in_child)
+
 _state = {
     "attempted": False,
     "module": None,
