@@ -61,6 +61,10 @@ const char* cuda_table_route();
 void set_cuda_table_route(const std::string& name);
 // The table sizes (entries) the "inline" route can take, smallest first.
 std::vector<int64_t> cuda_inline_table_sizes();
+// The architectures the kernels were compiled for, as compute capabilities ("7.5", "8.0",
+// "9.0" for TORCH_CUDA_ARCH_LIST "7.5;8.0;9.0+PTX"): what to compare with a GPU that
+// finds no kernel image.
+std::vector<std::string> cuda_archs();
 #endif
 
 // The three ops: project_ = sums + decide + apply_ in one call; sums and apply_ let a

@@ -224,6 +224,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::dict info;
 #ifdef AGEM_FAST_WITH_CUDA
     info["cuda"] = true;
+    info["cuda_archs"] = pybind11::cast(agem_fast::cuda_archs());
 #else
     info["cuda"] = false;
 #endif

@@ -74,6 +74,20 @@ def test_default_arch_list_is_the_same_with_or_without_a_gpu(monkeypatch, capabi
     assert _build.default_arch_list() == expected
 
 
+def test_build_info_lists_the_cuda_architectures_built(monkeypatch):
+    """`info` says which architectures the CUDA kernels hold: what a "no kernel image is
+    available" error is to be compared with."""
+    from agem_fast import _extension
+
+    monkeypatch.delenv("AGEM_FAST_BACKEND", raising=False)
+    if not _extension.supports("cpu") or not _extension.status()["cuda"]:
+        pytest.skip("needs the extension built with its CUDA kernels")
+    if _extension.status()["source"] != "jit" or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        pytest.skip("built with an architecture list this test does not know")
+    expected = [entry.removesuffix("+PTX") for entry in _build.default_arch_list().split(";")]
+    assert _extension.build_info()["cuda_archs"] == sorted(expected, key=float)
+
+
 _PROBE = """
 import warnings, torch, agem_fast
 from agem_fast import _extension
@@ -418,13 +432,15 @@ def test_setup_py_prebuilds_the_extension_when_asked(tmp_path, with_cuda):
              "p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([1., 2., 3.])\n"
              "res = agem_fast.project_([p], [torch.full((3,), -1.)])\n"
              "print(_extension.status()['source'], _extension.build_info()['cuda'], float(res.coef),"
-             " p.grad.tolist())\n")
+             " p.grad.tolist())\n"
+             "print(_extension.build_info().get('cuda_archs'))\n")
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("AGEM_FAST_")}
     run_env.update(PYTHONPATH=str(tmp_path / "site"), TORCH_EXTENSIONS_DIR=str(tmp_path / "no-jit"))
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env=run_env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == f"prebuilt {with_cuda} -2.0 [-1.0, 0.0, 1.0]"
+    archs = "['7.5', '8.0', '9.0']" if with_cuda else "None"  # the default list, 7.5;8.0;9.0+PTX
+    assert run.stdout.strip() == f"prebuilt {with_cuda} -2.0 [-1.0, 0.0, 1.0]\n{archs}", run.stdout
     if not with_cuda:
         # What `pip install agem_fast` users get (no prebuilt module): a JIT build from the
         # sources shipped inside the installed package.
@@ -433,7 +449,7 @@ def test_setup_py_prebuilds_the_extension_when_asked(tmp_path, with_cuda):
         run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                              env=run_env, cwd=tmp_path, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        assert run.stdout.split() == ["jit", "False", "-2.0", "[-1.0,", "0.0,", "1.0]",
+        assert run.stdout.split() == ["jit", "False", "-2.0", "[-1.0,", "0.0,", "1.0]", "None",
                                       str(tmp_path / "site" / "agem_fast" / "csrc")], run.stdout
 
 

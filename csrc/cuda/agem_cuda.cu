@@ -521,6 +521,14 @@ std::vector<int64_t> cuda_inline_table_sizes() {
   return sizes;
 }
 
+std::vector<std::string> cuda_archs() {
+  std::vector<std::string> names;
+  for (int arch : {__CUDA_ARCH_LIST__}) {  // nvcc's list of virtual architectures: 750, 800, ...
+    names.push_back(std::to_string(arch / 100) + "." + std::to_string(arch % 100 / 10));
+  }
+  return names;
+}
+
 void set_cuda_table_route(const std::string& name) {
   route.store(parse_route(name, "the CUDA table route"), std::memory_order_relaxed);
 }
