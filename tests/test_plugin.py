@@ -398,6 +398,40 @@ def test_reference_pass_runs_in_train_mode():
     assert model.modes == [True] and model.training
 
 
+def test_reference_gradient_is_the_memory_batch_gradient_alone():
+    """Gradients left over from the previous step (stale .grad) must not leak into the
+    reference: it is the memory batch's gradient alone, here computed independently with
+    torch.autograd.grad on the batch the reference pass saw."""
+    class InputProbe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = SimpleMLP(N_CLASSES, 3, 8, drop_rate=0.0)
+            self.inputs = []
+
+        def forward(self, x):
+            self.inputs.append(x.clone())
+            return self.mlp(x)
+
+    torch.manual_seed(4)
+    model = InputProbe()
+    targets = []
+
+    def criterion(out, y):
+        targets.append(y.clone())
+        return nn.functional.cross_entropy(out, y)
+
+    strategy = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               device=torch.device("cpu"), _criterion=criterion)
+    plugin = AGEMPlugin(10, 4)
+    plugin.update_memory(_numbered_dataset(12, 0, 0))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 100  # what the previous step left behind
+    plugin.before_training_iteration(strategy)
+    (x,), (y,) = model.inputs, targets
+    expected = torch.autograd.grad(nn.functional.cross_entropy(model.mlp(x), y), list(model.parameters()))
+    torch.testing.assert_close(plugin.reference_gradients, torch.cat([g.reshape(-1) for g in expected]))
+
+
 def test_reference_gradients_is_assignable_like_avalanche():
     """Avalanche's `reference_gradients` is a plain attribute; assigning a flat tensor
     makes after_backward project against it, until the next reference pass."""
@@ -734,6 +768,53 @@ def test_checkpoint_resume_is_identical(memory, how):
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+class _MarkCollate:
+    """`_marked_collate(mark)` as a picklable object (checkpoints pickle it)."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __call__(self, items):
+        return _marked_collate(self.mark)(items)
+
+
+@pytest.mark.parametrize("memory, how", [("dataset", "state_dict"), ("dataset", "pickle"),
+                                         ("tensor", "pickle")])
+def test_checkpoint_keeps_the_first_experience_collate_fn(memory, how):
+    """Resumed, the memory is still collated as Avalanche's loader does it: with the first
+    experience's collate_fn, for experiences added after resuming too. (memory="tensor"
+    state dicts leave the collate function out, as documented: not checked there.)"""
+    exps = [_numbered_dataset(30, 0, 100 * k, collate_fn=_MarkCollate(mark))
+            for k, mark in enumerate((7, 9, 11))]
+    theirs, ours = AvalancheAGEMPlugin(20, 12), AGEMPlugin(20, 12, memory=memory)
+    for plugin in (theirs, ours):
+        random.seed(0)
+        plugin.update_memory(exps[0])
+        plugin.sample_from_memory()  # stop mid-walk
+    if how == "state_dict":
+        buf = io.BytesIO()
+        torch.save(ours.state_dict(), buf)
+        buf.seek(0)
+        resumed = AGEMPlugin(20, 12, memory=memory)
+        resumed.load_state_dict(torch.load(buf, weights_only=False))
+    else:
+        resumed = pickle.loads(pickle.dumps(ours))
+    for draw in range(3):  # the resumed walk goes on where it stopped
+        want, got = theirs.sample_from_memory(), resumed.sample_from_memory()
+        assert len(got) == len(want)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), f"draw {draw}"
+    for k in (1, 2):
+        for plugin in (theirs, resumed):
+            random.seed(k)
+            plugin.update_memory(exps[k])
+        for draw in range(4):
+            want, got = theirs.sample_from_memory(), resumed.sample_from_memory()
+            assert torch.equal(want[-1], torch.full((len(want[0]),), 7))  # the first's mark
+            assert len(got) == len(want)
+            for a, b in zip(got, want):
+                assert torch.equal(a.cpu(), b), f"after experience {k}, draw {draw}: {a} vs {b}"
 
 
 def test_sample_from_empty_memory_and_device_fallback():
