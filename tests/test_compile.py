@@ -50,3 +50,35 @@ def test_compiled_matches_eager_and_oracle(backend, project, form):
     if backend == "extension":  # the same op in both: bitwise
         for a, p in zip(eager_grads, params):
             assert torch.equal(p.grad, a)
+
+
+def test_the_backend_choice_is_marked_constant_as_torch_marks_it():
+    """agem_fast marks _backend_for_type itself, to spare `import agem_fast` the import of
+    torch._dynamo that torch.compiler.assume_constant_result makes: the marks must match."""
+    from agem_fast import _api
+
+    def marked_by_torch():
+        pass
+
+    torch.compiler.assume_constant_result(marked_by_torch)
+    assert vars(marked_by_torch), "torch's decorator no longer marks the function itself"
+    assert {k: getattr(_api._backend_for_type, k, None) for k in vars(marked_by_torch)} == vars(marked_by_torch)
+
+
+@pytest.mark.parametrize("backend_env", ["torch", ""], ids=["torch", "default"])
+def test_import_and_a_call_leave_torch_dynamo_unimported(tmp_path, backend_env):
+    """torch._dynamo takes most of a second to import: only torch.compile should pay it
+    (loading the extension and its fake implementations included)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch, agem_fast\n"
+             "p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([1., 2., 3.])\n"
+             "agem_fast.project_([p], [torch.full((3,), -1.)])\n"
+             "print('torch._dynamo' in sys.modules)\n")
+    env = {**os.environ, "AGEM_FAST_BACKEND": backend_env}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "False"
