@@ -720,7 +720,9 @@ def derive(rows: List[dict], copy_runs: Sequence[dict]) -> None:
                     run["x_floor"] = _paired(run, floor["runs"][i])
                     run["x_floor_of_medians"] = t / floor["runs"][i]["median_s"]
                 if aval and i < len(aval["runs"]):
-                    run["speedup_vs_avalanche"] = 1.0 / _paired(run, aval["runs"][i])
+                    # median of t_avalanche / t, not 1 / median(t / t_avalanche): with an even
+                    # number of rounds those differ (the mean of the middle two vs its harmonic)
+                    run["speedup_vs_avalanche"] = _paired(aval["runs"][i], run)
                     run["speedup_vs_avalanche_of_medians"] = aval["runs"][i]["median_s"] / t
 
 
