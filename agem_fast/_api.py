@@ -86,6 +86,14 @@ def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, grou
         return _project_planned(params, ref_grad, eps, group)
 
 
+# Oldest torch whose dynamo traces project_ (torch 2.5's cannot sort a list with a key, nor
+# take id() of a tensor; 2.4's cannot functionalize the extension's op either). Under older
+# ones compiled code calls project_ eagerly: a graph break, which fullgraph=True refuses.
+TRACEABLE_FROM = "2.6"
+if torch.__version__ < TRACEABLE_FROM:
+    project_ = torch.compiler.disable(project_)
+
+
 def _project_planned(params: list, ref_grad, eps: float, group) -> Projection:
     """project_ through the Python planner: every check, every layout, any backend."""
     plan = make_plan(params, ref_grad, eps, sharded=group is not None)
@@ -96,9 +104,14 @@ def _project_planned(params: list, ref_grad, eps: float, group) -> Projection:
 
 
 def _no_autocast(device_type: str):
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+@_assume_constant_result  # the dynamo of torch 2.6 (at least) cannot trace the check itself
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
 
 
 def _run_plan(plan, group) -> Projection:

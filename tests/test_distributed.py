@@ -98,7 +98,11 @@ def _split(rank):
 
 def _dtensor(rank):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+
+    try:
+        from torch.distributed.tensor import Shard, distribute_tensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
     grads, refs = _full_problem(seed=11)
