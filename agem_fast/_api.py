@@ -86,9 +86,10 @@ def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, grou
         return _project_planned(params, ref_grad, eps, group)
 
 
-# Oldest torch whose dynamo traces project_ (torch 2.5's cannot sort a list with a key, nor
-# take id() of a tensor; 2.4's cannot functionalize the extension's op either). Under older
-# ones compiled code calls project_ eagerly: a graph break, which fullgraph=True refuses.
+# Oldest torch whose dynamo traces project_: those of 2.4 and 2.5 stop at the planner (id()
+# of a tensor, list.sort with a key), and 2.4's cannot functionalize the extension's op
+# either. Under them compiled code calls project_ eagerly: a graph break, which
+# fullgraph=True refuses.
 TRACEABLE_FROM = "2.6"
 if torch.__version__ < TRACEABLE_FROM:
     project_ = torch.compiler.disable(project_)
