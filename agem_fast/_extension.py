@@ -145,12 +145,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _caller_level() -> int:
-    """warnings.warn's stacklevel for the first frame outside agem_fast: the user's call."""
+    """warnings.warn's stacklevel for the first frame outside agem_fast: the user's call.
+    (Under torch < 2.6 project_ is wrapped by torch.compiler.disable: its frame is passed
+    over too.)"""
     import sys
 
     package = os.path.dirname(os.path.abspath(__file__))
+    wrapper = getattr(sys.modules.get("torch._dynamo.eval_frame"), "__file__", None)
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+    while frame is not None and (os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package
+                                 or frame.f_code.co_filename == wrapper):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -21,6 +21,10 @@ def _cuda_hints():
     home = _build.find_cuda_home()
     if home is None:
         pytest.skip("libtorch is a CUDA build but no CUDA toolkit was found")
+    version = _build.toolkit_version(home)
+    if version is not None and str(version[0]) != torch.version.cuda.split(".")[0]:
+        # its CMake config looks for what that toolkit has (CUDA 13 has no nvToolsExt, say)
+        pytest.skip(f"libtorch is a CUDA {torch.version.cuda} build, the toolkit CUDA {version[0]}.{version[1]}")
     hints = [f"-DCUDA_TOOLKIT_ROOT_DIR={home}", f"-DCUDAToolkit_ROOT={home}",
              f"-DCMAKE_CUDA_COMPILER={home}/bin/nvcc"]
     if not glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")):
