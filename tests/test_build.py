@@ -655,3 +655,27 @@ def test_a_prebuilt_module_that_does_not_load_is_reported(monkeypatch):
     monkeypatch.setattr(_build, "jit_load", lambda with_cuda: "jit module")
     assert _extension._import_or_build(strict=False) == ("jit module", "jit")
     assert "undefined symbol" in _extension._state["prebuilt_error"]
+
+
+def test_find_cuda_home_skips_a_non_toolkit_path_in_a_wrapper_script(tmp_path, monkeypatch):
+    """A wrapper script may name several nvcc paths: the first that is a real toolkit wins."""
+    toolkit = _fake_toolkit(tmp_path / "opt" / "cuda-real")
+    wrapper_dir = tmp_path / "wrapper"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\n[ -x {tmp_path}/old/bin/nvcc ] || exec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper_dir))
+    assert _build.find_cuda_home() == str(toolkit)
+
+
+def test_the_warning_skips_ninja_progress_and_failed_lines():
+    """A keyword inside ninja's command line (a -D define here) is not the diagnostic."""
+    from agem_fast._extension import _first_line
+
+    exc = RuntimeError(
+        "Error building extension 'x':\n[1/2] c++ -DMSG='\"error: x\"' -c a.cpp -o a.o\n"
+        "FAILED: a.o\n/bin/sh: 1: c++: not found\nninja: error: build stopped: subcommand failed.\n")
+    assert _first_line(exc) == "/bin/sh: 1: c++: not found"
