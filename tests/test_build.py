@@ -25,12 +25,17 @@ def _fake_toolkit(root: Path) -> Path:
     return root
 
 
-def test_find_cuda_home_reads_nvcc_wrapper_script(tmp_path, monkeypatch):
+@pytest.mark.parametrize("body", [
+    'exec {toolkit}/bin/nvcc "$@"',
+    # several nvcc paths: the first that is a real toolkit wins
+    '[ -x {tmp}/old/bin/nvcc ] || exec {toolkit}/bin/nvcc "$@"',
+], ids=["one_path", "skips_a_non_toolkit_path"])
+def test_find_cuda_home_reads_nvcc_wrapper_script(tmp_path, monkeypatch, body):
     toolkit = _fake_toolkit(tmp_path / "opt" / "cuda-x")
     wrapper_dir = tmp_path / "wrapper"
     wrapper_dir.mkdir()
     wrapper = wrapper_dir / "nvcc"
-    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.write_text("#!/bin/sh\n" + body.format(toolkit=toolkit, tmp=tmp_path) + "\n")
     wrapper.chmod(0o755)
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
@@ -655,20 +660,6 @@ def test_a_prebuilt_module_that_does_not_load_is_reported(monkeypatch):
     monkeypatch.setattr(_build, "jit_load", lambda with_cuda: "jit module")
     assert _extension._import_or_build(strict=False) == ("jit module", "jit")
     assert "undefined symbol" in _extension._state["prebuilt_error"]
-
-
-def test_find_cuda_home_skips_a_non_toolkit_path_in_a_wrapper_script(tmp_path, monkeypatch):
-    """A wrapper script may name several nvcc paths: the first that is a real toolkit wins."""
-    toolkit = _fake_toolkit(tmp_path / "opt" / "cuda-real")
-    wrapper_dir = tmp_path / "wrapper"
-    wrapper_dir.mkdir()
-    wrapper = wrapper_dir / "nvcc"
-    wrapper.write_text(f'#!/bin/sh\n[ -x {tmp_path}/old/bin/nvcc ] || exec {toolkit}/bin/nvcc "$@"\n')
-    wrapper.chmod(0o755)
-    monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.delenv("CUDA_PATH", raising=False)
-    monkeypatch.setenv("PATH", str(wrapper_dir))
-    assert _build.find_cuda_home() == str(toolkit)
 
 
 def test_the_warning_skips_ninja_progress_and_failed_lines():
