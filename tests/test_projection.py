@@ -643,6 +643,37 @@ def test_autocast_does_not_change_the_precision(ref_form, backend, device):
     assert orc.projected
 
 
+@pytest.mark.parametrize("ref_form", ["list", "flat"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_loss_scales_pass_through_exactly(dtype, ref_form, backend, device):
+    """A GradScaler multiplies gradients by a power of two. Projecting 2^12 g against
+    2^-3 r must give exactly 2^12 times the projection of g against r (coef times 2^15,
+    the same decision): every product and sum is then scaled exactly, so the scaled
+    gradients need no unscale_ first, even when the reference pass used another scale.
+    (fp16 is left out: results in its subnormal range round on a grid that does not scale.)"""
+    rnd = random.Random(5)
+    specs = random_specs(rnd, 30, 5000, dtypes=(dtype,), ref_form=ref_form)
+    plain = build_case(specs, 5, alpha=-0.4, ref_form=ref_form, device=device)
+    scaled = build_case(specs, 5, alpha=-0.4, ref_form=ref_form, device=device)
+    for g in scaled.grads:
+        if g is not None:
+            g.mul_(2.0 ** 12)
+    for t in scaled.ref_tensors:
+        t.mul_(2.0 ** -3)
+    res_plain = agem_fast.project_(plain.params, plain.ref_arg)
+    res_scaled = agem_fast.project_(scaled.params, scaled.ref_arg)
+    assert bool(res_plain.projected) and bool(res_scaled.projected)
+    assert float(res_scaled.dot) == float(res_plain.dot) * 2.0 ** 9
+    assert float(res_scaled.ref_sq_norm) == float(res_plain.ref_sq_norm) * 2.0 ** -6
+    assert float(res_scaled.coef) == float(res_plain.coef) * 2.0 ** 15
+    n_checked = 0
+    for i, (g_plain, g_scaled) in enumerate(zip(plain.grads, scaled.grads)):
+        if g_plain is not None:
+            assert_bit_identical(g_scaled, g_plain * 2.0 ** 12, f"grad[{i}]")
+            n_checked += 1
+    assert n_checked > 10
+
+
 def test_default_device_does_not_matter(backend):
     """CPU gradients are projected on the CPU whatever torch's default device is."""
     case = build_case([Spec((5000,), torch.float32), Spec((3, 4), torch.float32)], 31, alpha=-0.3)

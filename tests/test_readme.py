@@ -66,3 +66,52 @@ def test_plugin_custom_loop_example_runs_and_projects(monkeypatch):
     assert len(calls) == 14, calls
     assert any(calls), "no step projected"
     assert all(torch.isfinite(p).all() for p in ns["model"].parameters())
+
+
+def test_mixed_precision_example_steps_with_the_unscaled_projection(monkeypatch):
+    """The GradScaler example runs as written (on the CPU in bfloat16 when no GPU is
+    visible), and every optimizer step applies the float64 projection of the unscaled
+    gradient against the unscaled reference: SGD's parameter change over -lr equals it."""
+    import agem_fast
+    from oracle import oracle
+
+    base = next(b for b in _python_blocks() if "def train_step(" in b)
+    amp = next(b for b in _python_blocks() if "GradScaler" in b)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        amp = amp.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.bfloat16")
+    ns: dict = {}
+    with torch.device(device):
+        torch.manual_seed(0)
+        exec(compile(base, "README.md", "exec"), ns)
+    exec(compile(amp, "README.md", "exec"), ns)
+    model, scaler, lr = ns["model"], ns["scaler"], ns["opt"].param_groups[0]["lr"]
+
+    seen = []
+    real = agem_fast.project_
+
+    def spy(params, ref, **kwargs):
+        params = list(params)
+        scale = float(scaler.get_scale())
+        seen.append(([p.grad.double() / scale for p in params], [r.double() / scale for r in ref.as_list()]))
+        return real(params, ref, **kwargs)
+
+    monkeypatch.setattr(agem_fast, "project_", spy)
+    gen = torch.Generator().manual_seed(1)
+    n_projected = 0
+    for step in range(6):
+        x = torch.randn(16, 784, generator=gen).to(device)
+        y = torch.randint(0, 10, (16,), generator=gen).to(device)
+        x_mem, y_mem = x.clone(), (y + 5) % 10  # other labels: the gradients tend to conflict
+        before = [p.detach().double().clone() for p in model.parameters()]
+        res = ns["train_step_amp"](x, y, x_mem, y_mem)
+        grads, refs = seen[-1]
+        orc = oracle(grads, refs)
+        assert bool(res.projected) == orc.projected
+        n_projected += orc.projected
+        for i, (b, p, want) in enumerate(zip(before, model.parameters(), orc.new_grads)):
+            applied = (b - p.detach().double().cpu()) / lr
+            torch.testing.assert_close(applied, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()),
+                                       msg=lambda m: f"step {step}, params[{i}]: {m}")
+    assert n_projected >= 2
+    assert float(scaler.get_scale()) == 65536.0  # no step was skipped for an overflow
