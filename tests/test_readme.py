@@ -103,7 +103,7 @@ def test_mixed_precision_example_steps_with_the_unscaled_projection(monkeypatch)
         x = torch.randn(16, 784, generator=gen).to(device)
         y = torch.randint(0, 10, (16,), generator=gen).to(device)
         x_mem, y_mem = x.clone(), (y + 5) % 10  # other labels: the gradients tend to conflict
-        before = [p.detach().double().clone() for p in model.parameters()]
+        before = [p.detach().double().cpu() for p in model.parameters()]
         res = ns["train_step_amp"](x, y, x_mem, y_mem)
         grads, refs = seen[-1]
         orc = oracle(grads, refs)
