@@ -19,8 +19,9 @@
 #   build     `python -m agem_fast build` (AGEM_FAST_STRICT=1);
 #             the extension cache is build/torch_extensions (ignored by git, so a warm
 #             machine keeps it between calls)
-#   tests     AGEM_FAST_STRICT=1 pytest tests -k "cuda and not test_build" (the CUDA variants
-#             of the suite; the tensor over 2^31 elements runs when 20 GiB are free,
+#   tests     AGEM_FAST_STRICT=1 pytest tests -k "(cuda and not test_build) or test_readme":
+#             the CUDA variants of the suite, and the README's examples (on the GPU, the
+#             mixed-precision one in fp16); the tensor over 2^31 elements runs when 20 GiB are free,
 #             AGEM_FAST_BIG_TESTS=0 skips it). test_build's "cuda" tests only compile (about
 #             100 s, 80 s of the last GPU run's stage): every CPU CI runs them already
 #   bench     python -m bench.run --devices cuda: --quick (tiny5000 in fp32 only, a second
@@ -189,7 +190,7 @@ publish
 # ------------------------------------------------------------------ tests
 if want tests 40; then
   note "tests -> $RES/tests.log"
-  AGEM_FAST_STRICT=1 timeout -k 10 "$(bounded 210)" "$PY" -m pytest tests -k "cuda and not test_build" -q -p no:cacheprovider -rs \
+  AGEM_FAST_STRICT=1 timeout -k 10 "$(bounded 210)" "$PY" -m pytest tests -k "(cuda and not test_build) or test_readme" -q -p no:cacheprovider -rs \
     --junitxml="$RES/tests-junit.xml" > "$RES/tests.log" 2>&1
   rc=$?
   STATUS[tests]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
