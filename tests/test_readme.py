@@ -99,12 +99,16 @@ def test_mixed_precision_example_steps_with_the_unscaled_projection(monkeypatch)
     monkeypatch.setattr(agem_fast, "project_", spy)
     gen = torch.Generator().manual_seed(1)
     n_projected = 0
-    for step in range(6):
+    for step in range(8):
         x = torch.randn(16, 784, generator=gen).to(device)
         y = torch.randint(0, 10, (16,), generator=gen).to(device)
         x_mem, y_mem = x.clone(), (y + 5) % 10  # other labels: the gradients tend to conflict
         before = [p.detach().double().cpu() for p in model.parameters()]
+        scale = float(scaler.get_scale())
         res = ns["train_step_amp"](x, y, x_mem, y_mem)
+        if float(scaler.get_scale()) < scale:  # an fp16 overflow: the scaler skipped the step
+            assert all(torch.equal(b, p.detach().double().cpu()) for b, p in zip(before, model.parameters()))
+            continue
         grads, refs = seen[-1]
         orc = oracle(grads, refs)
         assert bool(res.projected) == orc.projected
@@ -114,4 +118,3 @@ def test_mixed_precision_example_steps_with_the_unscaled_projection(monkeypatch)
             torch.testing.assert_close(applied, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()),
                                        msg=lambda m: f"step {step}, params[{i}]: {m}")
     assert n_projected >= 2
-    assert float(scaler.get_scale()) == 65536.0  # no step was skipped for an overflow
