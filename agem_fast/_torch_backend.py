@@ -228,12 +228,15 @@ def _shaped_pairs(plan: Plan):
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
+_FP32_ROUNDS_TO_INF = 2.0 ** 128 - 2.0 ** 103  # FLT_MAX + half an ulp: ties go to even, inf
 
 
 def _as_fp32_scalar(x: float) -> float:
-    """x as an fp32 update takes it: torch refuses a finite alpha beyond fp32's largest
-    value, which the extension's CPU kernels take as an infinity (so does this)."""
-    return x if abs(x) <= _FP32_MAX or math.isnan(x) else math.copysign(math.inf, x)
+    """x rounded to fp32's range as the update's fp32 math takes it (torch refuses a finite
+    alpha beyond fp32's largest value): to nearest, as the extension's kernels do."""
+    if abs(x) <= _FP32_MAX or math.isnan(x):
+        return x
+    return math.copysign(math.inf if abs(x) >= _FP32_ROUNDS_TO_INF else _FP32_MAX, x)
 
 
 def _update_cpu(plan: Plan, coef: float) -> None:

@@ -1019,6 +1019,42 @@ def test_coef_beyond_fp32_range_updates_like_the_extension(backend):
         assert torch.equal(bits(p.grad), bits(want)), (p.grad, want)
 
 
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("magnitude,as_fp32", [
+    (FP32_MAX + 2.0 ** 102, FP32_MAX),                     # past FLT_MAX by a quarter ulp
+    (2.0 ** 128 - 2.0 ** 103 - 2.0 ** 75, FP32_MAX),       # just below the midpoint
+    (2.0 ** 128 - 2.0 ** 103, math.inf),                   # the midpoint: ties to even
+], ids=["quarter_ulp", "below_midpoint", "midpoint"])
+def test_coef_just_past_fp32_range_rounds_to_nearest(magnitude, as_fp32, backend, device):
+    """A coef past FLT_MAX by less than half an ulp rounds to FLT_MAX in the fp32 update,
+    from the midpoint on to an infinity, on every device (the CPU kernels used to take
+    anything past FLT_MAX as an infinity, the CUDA ones rounded). dot is -magnitude
+    exactly (an fp64 pair against a reference of 1), rr is 1 (2^-100 elements square to
+    nothing next to it); the fp32 and bf16 products with 2^-100 are then exact, so
+    fused multiply-adds round alike."""
+    assert torch.tensor(-magnitude, dtype=torch.float64).float().item() == -as_fp32  # IEEE
+    tiny = 2.0 ** -100
+    p64 = torch.empty(1, dtype=torch.float64, device=device)
+    p32 = torch.empty(3, device=device)
+    p16 = torch.empty(2, dtype=torch.bfloat16, device=device)
+    p64.grad = torch.tensor([-magnitude], dtype=torch.float64, device=device)
+    p32.grad = torch.tensor([5.0, 1.0, -2.0], device=device)
+    p16.grad = torch.tensor([3.0, 1.0], dtype=torch.bfloat16, device=device)
+    refs = [torch.tensor([1.0], dtype=torch.float64, device=device),
+            torch.tensor([0.0, tiny, -tiny], device=device),
+            torch.tensor([tiny, -tiny], dtype=torch.bfloat16, device=device)]
+    res = agem_fast.project_([p64, p32, p16], refs)
+    assert bool(res.projected) and float(res.coef) == -magnitude and float(res.ref_sq_norm) == 1.0
+    c32 = -as_fp32
+    for p, r, g in ((p32, [0.0, tiny, -tiny], [5.0, 1.0, -2.0]), (p16, [tiny, -tiny], [3.0, 1.0])):
+        want = [x - c32 * y for x, y in zip(g, r)]  # fp64 math on exact fp32 products
+        want = torch.tensor(want, dtype=torch.float64).float().to(p.grad.dtype)
+        # exactly, NaN payloads aside (-inf * 0 makes the platform's default NaN)
+        torch.testing.assert_close(p.grad.cpu(), want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("route", ["plain", "planned", "staged"])
 def test_updated_grads_have_their_version_bumped(route, backend, device):
     """Every route writes the grads the way an in-place op does, so autograd can tell

@@ -91,13 +91,18 @@ void chunk_sums(bool avx2, const T* g, const T* r, int64_t n, double* dot_out, d
   chunk_sums_body<T, kHasG>(g, r, n, dot_out, rr_out);
 }
 
-// coef in the update's precision. A double beyond float's largest value becomes an
-// infinity (a plain cast of it would be undefined behaviour).
+// coef in the update's precision, rounded to nearest as the CUDA kernels' conversion
+// does: past float's largest value by less than half an ulp (2^103) it is that value, at
+// or past the midpoint an infinity. (A plain cast of a double past FLT_MAX would be
+// undefined behaviour.)
 template <typename A>
 A update_coef(double coef) {
   if constexpr (std::is_same_v<A, float>) {
+    constexpr double kRoundsToInf = 0x1.ffffffp127;  // 2^128 - 2^103: ties go to even, the infinity
+    constexpr float kMax = std::numeric_limits<float>::max();
     constexpr float kInf = std::numeric_limits<float>::infinity();
-    if (std::fabs(coef) > std::numeric_limits<float>::max()) return coef > 0 ? kInf : -kInf;
+    if (std::fabs(coef) >= kRoundsToInf) return coef > 0 ? kInf : -kInf;
+    if (std::fabs(coef) > kMax) return coef > 0 ? kMax : -kMax;
   }
   return static_cast<A>(coef);
 }
