@@ -293,16 +293,23 @@ class _Group:
 
     def add(self, g: torch.Tensor | None, r: torch.Tensor, n: int) -> None:
         if g is not None:
-            self.grads.append(g)
-        self.refs.append(r)
+            self.grads.append(_bits(g))
+        self.refs.append(_bits(r))
         self.numels.append(n)
         self.total += n
 
     def cut(self, scratch: torch.Tensor) -> None:
         self.rows = scratch[:, : self.total] if self.has_grads else scratch[1:, : self.total]
-        self.r_slots = list(torch.split_with_sizes(self.rows[-1], self.numels))
+        self.r_slots = list(torch.split_with_sizes(_bits(self.rows[-1]), self.numels))
         if self.has_grads:
-            self.g_slots = list(torch.split_with_sizes(self.rows[0], self.numels))
+            self.g_slots = list(torch.split_with_sizes(_bits(self.rows[0]), self.numels))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 as int16, for the packing copies: CUDA's _foreach_copy_ goes through fp32
+    and back, which turns every NaN into the canonical one (other bits in a gradient that
+    must stay untouched). An integer copy moves the bits as they are."""
+    return t.view(torch.int16) if t.dtype in _LOW_PRECISION else t
 
 
 def _as_1d(t: torch.Tensor) -> torch.Tensor:
