@@ -2,7 +2,7 @@
 
     python bench/torch_backend_ops.py [--dtypes fp32,bf16] [--form flat]
 
-Off the CPU the torch backend packs tensors under 2^20 elements into scratch rows, so
+Off the CPU the torch backend packs tensors under 2^23 elements into scratch rows, so
 that a call runs a few ops per group of small tensors and per larger tensor, not a few
 per tensor. On a GPU every op is at least one kernel launch and costs host time the GPU
 may wait for, which is what kept that backend at 4 ms on ResNet-18 on an H200 (about 6

@@ -4,7 +4,7 @@
                                      [--dtypes fp32] [--limits 20,21,22,23] [--calls 15]
 
 Off the CPU the torch backend packs tensors under `_torch_backend._PACK_LIMIT` elements
-(2^20) into scratch rows: fewer ops per call (each a kernel launch on a GPU), but more
+(2^23) into scratch rows: fewer ops per call (each a kernel launch on a GPU), but more
 bytes moved (the copies into and out of the scratch). Which limit is fastest depends on
 the GPU's launch cost against its bandwidth, so it is measured, not guessed: each limit
 (given as a power of two) is one implementation, timed interleaved with the others in

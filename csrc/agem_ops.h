@@ -54,9 +54,10 @@ ProjectResult project_table_cpu(const Table& table, double eps);
 #ifdef AGEM_FAST_WITH_CUDA
 ProjectResult project_table_cuda(const Table& table, const at::Device& device, double eps);
 
-// How the CUDA kernels get the table: "upload" (a copy from pinned memory) or "inline"
-// (inside the kernels' parameters, for tables of up to 96 or 512 entries). The first call reads
-// AGEM_FAST_CUDA_TABLE (default "upload"); the setter raises on any other name.
+// How the CUDA kernels get the table: "inline" (inside the kernels' parameters, for tables
+// of up to 96 or 512 entries; larger ones are uploaded) or "upload" (always a copy from
+// pinned memory). The first call reads AGEM_FAST_CUDA_TABLE (default "inline"); the setter
+// raises on any other name.
 const char* cuda_table_route();
 void set_cuda_table_route(const std::string& name);
 // The table sizes (entries) the "inline" route can take, smallest first.

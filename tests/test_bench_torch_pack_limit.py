@@ -40,4 +40,4 @@ def test_each_impl_runs_the_packed_path_at_its_own_limit(monkeypatch):
     with torch_pack_limit.harness.backend_env(impl.env):  # as the timing loop does
         impl.call(0)
     assert seen and all(s == (1 << 12, "cpu") for s in seen)
-    assert _torch_backend._PACK_LIMIT == 1 << 20
+    assert _torch_backend._PACK_LIMIT == 1 << 23

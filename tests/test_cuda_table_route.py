@@ -1,6 +1,6 @@
-"""The two ways the CUDA kernels get their tensor table: copied up from pinned memory
-("upload", the default) or inside the kernels' parameters for tables of up to 96
-entries, 512 in a CUDA 13 build ("inline", AGEM_FAST_CUDA_TABLE=inline). The kernels' bodies are shared, so
+"""The two ways the CUDA kernels get their tensor table: inside the kernels' parameters
+for tables of up to 96 entries, 512 in a CUDA 13 build ("inline", the default), or
+copied up from pinned memory ("upload", AGEM_FAST_CUDA_TABLE=upload). The kernels' bodies are shared, so
 both routes must give the same bits; the inline route must copy nothing from the host.
 The switch itself is checked wherever the extension was built with its CUDA kernels;
 the rest needs a GPU."""
@@ -62,7 +62,7 @@ def test_route_switch_and_a_bad_name(module):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs on every CPU CI run; GPU time is scarce")
-@pytest.mark.parametrize("value, expected", [(" Inline\n", "inline"), ("upload", "upload"), ("", "upload"),
+@pytest.mark.parametrize("value, expected", [(" Inline\n", "inline"), ("upload", "upload"), ("", "inline"),
                                              ("bogus", "ValueError")])
 def test_environment_sets_the_first_route(module, value, expected):
     code = (

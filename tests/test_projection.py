@@ -251,7 +251,7 @@ def test_random_cases(seed, backend, device):
 @pytest.mark.parametrize("seed", range(12))
 def test_packed_path_with_a_small_pack_limit(seed, device, monkeypatch):
     """The torch backend's packed path (its path on GPUs; here run on CPU tensors too)
-    with a pack limit of 600 elements instead of 2^20, so that random cases of up to
+    with a pack limit of 600 elements instead of 2^23, so that random cases of up to
     3,000 elements exercise all of it: tensors over the limit taken one by one (pairs,
     reference-only, not dense in one order), several groups of one dtype, dtypes
     interleaved (a dtype's scratch is reloaded, or reused by pass 2 when pass 1 left the
@@ -850,12 +850,13 @@ def test_subnormal_gradients_count_in_dot(dtype, backend, device):
 @pytest.mark.parametrize("route", ["packed", "one_by_one"])
 @pytest.mark.parametrize("dtype,nan_bits", [(torch.float16, 0x7C01), (torch.bfloat16, 0x7F81),
                                             (torch.float32, 0x7F800001)])
-def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits, route, monkeypatch):
+def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits, route, device, monkeypatch):
     """The torch backend's device update (used on GPUs and under torch.compile) always
     runs and selects with torch.where; not projecting, every gradient must keep its bits,
     a signalling NaN's payload included (a round trip through fp32 would quiet it, as
-    the H200 showed for a fp16 NaN). Runs the device path on the CPU, for a tensor
-    packed into the scratch and for one taken alone (as tensors of 2^20 elements are)."""
+    the H200 showed for a fp16 NaN: in the update once, and in CUDA's _foreach_copy_ of
+    fp16/bf16 into and out of the scratch later). For a tensor packed into the scratch
+    and for one taken alone (as tensors past the pack limit are)."""
     from agem_fast import _torch_backend
     from agem_fast._plan import make_plan
 
@@ -865,13 +866,14 @@ def test_device_update_keeps_nan_bits_when_not_projecting(dtype, nan_bits, route
     int_type = {2: torch.int16, 4: torch.int32}[torch.empty((), dtype=dtype).element_size()]
     g = torch.randn(4, 5).to(dtype)
     g.view(int_type)[1, 2] = nan_bits  # exponent all ones, quiet bit clear: a signalling NaN
-    p = torch.empty(4, 5, dtype=dtype)
+    g = g.to(device)
+    p = torch.empty(4, 5, dtype=dtype, device=device)
     p.grad = g
     before = bits(g).clone()
     assert torch.isnan(g[1, 2])
-    plan = make_plan([p], [torch.randn(4, 5).to(dtype)], 0.0)
-    coef = torch.tensor(-0.5, dtype=torch.float64)
-    _torch_backend._update_device(_torch_backend._Packing(plan), coef, torch.tensor(False))
+    plan = make_plan([p], [torch.randn(4, 5).to(device=device, dtype=dtype)], 0.0)
+    coef = torch.tensor(-0.5, dtype=torch.float64, device=device)
+    _torch_backend._update_device(_torch_backend._Packing(plan), coef, torch.tensor(False, device=device))
     assert p.grad is g and torch.equal(bits(p.grad), before), "the gradient's bits changed"
 
 

@@ -16,8 +16,9 @@
 // CUDA graph.
 // Tables of up to 96 entries (512 when built with CUDA 13) can instead travel inside the
 // kernels' parameters (as PyTorch's multi-tensor kernels pass their tensor lists): no
-// pinned staging buffer and no copy ahead of pass 1. That route is chosen by
-// AGEM_FAST_CUDA_TABLE=inline (default: upload) until a GPU run shows which is faster.
+// pinned staging buffer and no copy ahead of pass 1. That route is the default
+// (AGEM_FAST_CUDA_TABLE=upload turns it off): on an H200 it made every profiled call
+// faster, 3-22% (bench/results/gpu-nvidia-h200-20261127-1150/profile.log).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a
 // minimal CUDA toolkit may not have.
 #include <c10/cuda/CUDAException.h>
@@ -357,8 +358,9 @@ std::vector<at::Tensor>* const captured_tables = new std::vector<at::Tensor>();
 
 namespace {
 
-// How the table reaches the kernels: copied up from pinned memory (kUpload), or, when it
-// fits an InlineTable size, inside the kernels' parameters (kInline). Read once
+// How the table reaches the kernels: when it fits an InlineTable size, inside the kernels'
+// parameters (kInline, the default), else copied up from pinned memory (kUpload, also
+// chosen for every table by AGEM_FAST_CUDA_TABLE=upload). Read once
 // from AGEM_FAST_CUDA_TABLE; tests and benchmarks switch it with set_cuda_table_route.
 enum Route : int { kRouteUnset = -1, kUpload = 0, kInline = 1 };
 std::atomic<int> route{kRouteUnset};
@@ -378,7 +380,7 @@ int current_route() {
     const size_t first = name.find_first_not_of(space);
     name = first == std::string::npos ? "" : name.substr(first, name.find_last_not_of(space) - first + 1);
     for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    r = name.empty() ? kUpload : parse_route(name, "AGEM_FAST_CUDA_TABLE");
+    r = name.empty() ? kInline : parse_route(name, "AGEM_FAST_CUDA_TABLE");
     int expected = kRouteUnset;
     route.compare_exchange_strong(expected, r);
     r = route.load(std::memory_order_relaxed);
