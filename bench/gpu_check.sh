@@ -30,7 +30,8 @@
 #   sanitize  compute-sanitizer memcheck and racecheck on bench/cuda_sanitize_case.py
 #             (PyTorch's caching allocator off, so each tensor is its own allocation)
 #   profile   bench/gpu_profile.py: host time, call time and per-kernel device time of the
-#             extension and the flat floor (ResNet-18, ViT-B/16; fp32, bf16)
+#             extension and the flat floor (ResNet-18, ViT-B/16; fp32, bf16); then
+#             bench/host_overhead.py on CUDA and on CPU tensors (the host time's parts)
 #   e2e       bench/e2e_plugin.py --device cuda: Naive vs Avalanche's AGEMPlugin vs this
 #             plugin, end to end (needs Avalanche: see below)
 #   packlimit bench/torch_pack_limit.py: the torch backend (the fallback without a CUDA
@@ -257,6 +258,14 @@ if want profile 30; then
   note "profile -> $RES/profile.log"
   timeout -k 10 "$(bounded 150)" "$PY" bench/gpu_profile.py > "$RES/profile.log" 2>&1
   rc=$?
+  # The host time of project_ and of its C++ fast path, on CUDA tensors and on CPU tensors
+  # of this machine's CPU: their difference is the CUDA side of a call (allocations, the
+  # memset or the table's copy, the launches), the rest is planning and Python.
+  for d in cuda cpu; do
+    echo >> "$RES/profile.log"
+    timeout -k 10 "$(bounded 40)" "$PY" bench/host_overhead.py --device "$d" --calls 1000 --reps 7 \
+      >> "$RES/profile.log" 2>&1 || rc=$?
+  done
   STATUS[profile]=$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc=$rc)")
 fi
 

@@ -11,7 +11,8 @@ Per workload and dtype, for each implementation (medians over the calls):
   still busy with the backward pass, would mostly hide);
 - the kernels and copies torch.profiler saw, with their device time;
 - the host-side calls (aten ops, CUDA runtime) that take the most host time per call
-  (inflated by the profiler itself: compare them with each other, not with `host`).
+  (inflated by the profiler itself: compare them with each other, not with `host`),
+  each profiled call preceded by a warm-up call in the same profiler session.
 Both times are also given as a rate, counting 5s bytes per parameter (every call
 projects), and as a percentage of the device-to-device copy bandwidth measured at the
 start of the same run (bench.harness.copy_bandwidth), as bench.run's tables count them.
@@ -86,27 +87,19 @@ def _profile(name, call, restore, flush, calls, nbytes, copy_gbps):
     _, busy = _timed(call, restore, flush, calls, busy_cycles=_sleep_cycles(3 * host + 1e-3))
     device, host_side = {}, {}  # name -> per-session sums (seconds) and counts
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    profiled = min(calls, 5)  # a profiler session per call: slow to start
-    for k in range(profiled + 1):
-        restore()
-        flush()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=activities) as prof:  # the call alone
-            with torch.profiler.record_function("call"):
-                call()
-            torch.cuda.synchronize()
-        if k == 0:
-            continue  # the first session also pays the profiler's start-up
-        dev, hst = {}, {}
-        for evt in prof.events():
-            if evt.device_type == torch.autograd.DeviceType.CUDA:
-                _add(dev, evt.name, evt.device_time_total)
-            elif evt.name == "call":
-                _add(hst, "the whole call", evt.cpu_time_total)
-                # Python, C++ planning: whatever no op or CUDA runtime call below it accounts for
-                _add(hst, "the call's own code (no profiled child)", evt.self_cpu_time_total)
-            elif evt.name.startswith(("cuda", "aten::")) and "ynchronize" not in evt.name:
-                _add(hst, evt.name, evt.cpu_time_total)
+    for _ in range(min(calls, 5)):  # a profiler session per call: slow to start
+        with torch.profiler.profile(activities=activities) as prof:
+            # A warm-up call first, in the same session: the profiler charges a session's
+            # first CUDA runtime call with its own start-up (about 280 us on the H200),
+            # which would otherwise land on the call measured.
+            for label in ("warm-up", "call"):
+                restore()
+                flush()
+                torch.cuda.synchronize()
+                with torch.profiler.record_function(label):
+                    call()
+                torch.cuda.synchronize()
+        dev, hst = attribute(prof.events())
         for mine, per_session in ((dev, device), (hst, host_side)):
             for key, (us, n) in mine.items():
                 per_session.setdefault(key, []).append((us * 1e-6, n))
@@ -117,6 +110,32 @@ def _profile(name, call, restore, flush, calls, nbytes, copy_gbps):
     _print_top(device, limit=None)
     print("    host side, per call (under the profiler; nested calls count in their callers too):")
     _print_top(host_side, limit=12)
+
+
+def attribute(events, label: str = "call"):
+    """The device work and the host-side calls of the profiled range `label` alone, as
+    ({kernel or copy: (us, count)}, {host call: (us, count)}): host events that start
+    inside the range, device events that start after it starts (the profiler puts GPU
+    timestamps on the host's clock; the warm-up's kernels ended before the range began)."""
+    marks = [e for e in events if e.name == label and e.device_type == torch.autograd.DeviceType.CPU]
+    if len(marks) != 1:
+        raise ValueError(f"gpu_profile: expected one {label!r} range in the profile, found {len(marks)}")
+    mark = marks[0]
+    start, end = mark.time_range.start, mark.time_range.end
+    dev = {}
+    hst = {"the whole call": (mark.cpu_time_total, 1),
+           # Python, C++ planning: whatever no op or CUDA runtime call below it accounts for
+           "the call's own code (no profiled child)": (mark.self_cpu_time_total, 1)}
+    for evt in events:
+        if evt is mark:
+            continue
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            if evt.time_range.start >= start:
+                _add(dev, evt.name, evt.device_time_total)
+        elif (start <= evt.time_range.start <= end and evt.name.startswith(("cuda", "aten::"))
+              and "ynchronize" not in evt.name):
+            _add(hst, evt.name, evt.cpu_time_total)
+    return dev, hst
 
 
 def _add(sums: dict, name: str, us: float) -> None:
