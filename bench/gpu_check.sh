@@ -31,7 +31,8 @@
 #             (PyTorch's caching allocator off, so each tensor is its own allocation)
 #   profile   bench/gpu_profile.py: host time, call time and per-kernel device time of the
 #             extension and the flat floor (ResNet-18, ViT-B/16; fp32, bf16); then
-#             bench/host_overhead.py on CUDA and on CPU tensors (the host time's parts)
+#             bench/host_overhead.py on CUDA and on CPU tensors (the host time's parts);
+#             GPU_PROFILE_ARGS="--routes inline --dtypes fp32" narrows gpu_profile.py
 #   e2e       bench/e2e_plugin.py --device cuda: Naive vs Avalanche's AGEMPlugin vs this
 #             plugin, end to end (needs Avalanche: see below)
 #   packlimit bench/torch_pack_limit.py: the torch backend (the fallback without a CUDA
@@ -256,7 +257,8 @@ publish
 # ------------------------------------------------------------------ profile
 if want profile 30; then
   note "profile -> $RES/profile.log"
-  timeout -k 10 "$(bounded 150)" "$PY" bench/gpu_profile.py > "$RES/profile.log" 2>&1
+  # shellcheck disable=SC2086  # GPU_PROFILE_ARGS: options for gpu_profile.py, word-split
+  timeout -k 10 "$(bounded 150)" "$PY" bench/gpu_profile.py ${GPU_PROFILE_ARGS:-} > "$RES/profile.log" 2>&1
   rc=$?
   # The host time of project_ and of its C++ fast path, on CUDA tensors and on CPU tensors
   # of this machine's CPU: their difference is the CUDA side of a call (allocations, the
