@@ -30,7 +30,7 @@
 #   sanitize  compute-sanitizer memcheck and racecheck on bench/cuda_sanitize_case.py
 #             (PyTorch's caching allocator off, so each tensor is its own allocation)
 #   profile   bench/gpu_profile.py: host time, call time and per-kernel device time of the
-#             extension and the flat floor (ResNet-18, ViT-B/16; fp32, bf16); then
+#             extension and the flat floor (ResNet-18, ViT-B/16, GPT-2; fp32, bf16); then
 #             bench/host_overhead.py on CUDA and on CPU tensors (the host time's parts);
 #             GPU_PROFILE_ARGS="--routes inline --dtypes fp32" narrows gpu_profile.py
 #   e2e       bench/e2e_plugin.py --device cuda: Naive vs Avalanche's AGEMPlugin vs this

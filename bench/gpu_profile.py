@@ -1,6 +1,6 @@
 """Where one projection's time goes on a GPU, for the extension and the flat floor.
 
-    python bench/gpu_profile.py [--workloads resnet18,vit_b_16] [--dtypes fp32,bf16]
+    python bench/gpu_profile.py [--workloads resnet18,vit_b_16,gpt2] [--dtypes fp32,bf16]
 
 Per workload and dtype, for each implementation (medians over the calls):
 - host: seconds until the call returns (perf_counter, no sync): Python + planning + launches;
@@ -153,7 +153,7 @@ def _print_top(per_session: dict, limit) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workloads", default="resnet18,vit_b_16")
+    p.add_argument("--workloads", default="resnet18,vit_b_16,gpt2")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--routes", default="upload,inline", help="CUDA table routes to profile the extension with")
