@@ -73,6 +73,16 @@ def _refs_from_flat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[
 _OVERLAP_ENUMERATION_LIMIT = 1 << 22
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's memory as integers of its element size. Copies and selects made through it move
+    the bits as they are: CUDA copies fp16/bf16 through fp32, and compiled code computes in
+    fp32, either of which turns every NaN into the canonical one."""
+    return t.view(_SAME_SIZE_INT[t.element_size()])
+
+
 def _overlaps(t: torch.Tensor) -> bool:
     """True when some elements of t may share memory: updating it in place would then
     depend on the order of the writes (torch's own in-place ops refuse such tensors)."""
@@ -340,7 +350,7 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
         if not contiguous:
             # Both contiguous (the common case) pair up as flat memory whatever their
             # shapes; anything else gets g's shape and is flagged for the backends.
-            if _overlaps(g):
+            if not compiling and _overlaps(g):  # (dynamo cannot trace the check)
                 raise ValueError(
                     f"params[{i}].grad has elements sharing memory, or strides too irregular "
                     "to prove they do not (e.g. made by expand() or as_strided()); it cannot "

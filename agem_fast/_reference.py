@@ -6,7 +6,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from ._plan import SUPPORTED_DTYPES
+from ._plan import SUPPORTED_DTYPES, as_bits
 
 
 class ReferenceGradient:
@@ -115,9 +115,10 @@ class ReferenceGradient:
             if g is None and (z is None or z != _version(slot))
         ]
         # Multi-tensor copy and fill: on CUDA a few kernel launches instead of one per slot.
+        # Copied as integers, so a NaN keeps its bits (see as_bits).
         present = [(slot, g) for slot, g in zip(self._slots, grads) if g is not None]
         if present:
-            torch._foreach_copy_([slot for slot, _ in present], [g for _, g in present])
+            torch._foreach_copy_([as_bits(slot) for slot, _ in present], [as_bits(g) for _, g in present])
         if stale:
             torch._foreach_zero_(stale)
         self._refs = [slot if g is not None else None for slot, g in zip(self._slots, grads)]

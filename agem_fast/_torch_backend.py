@@ -22,7 +22,7 @@ from typing import List, Tuple
 
 import torch
 
-from ._plan import Plan
+from ._plan import Plan, as_bits
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -52,7 +52,8 @@ def dense_flat(t: torch.Tensor) -> torch.Tensor | None:
         if t.size(d) != 1 and t.stride(d) != expected:
             return None
         expected *= t.size(d)
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    # Outermost dimension first: contiguous, so a view (dynamo cannot trace storage_offset()).
+    return t.permute(dims[::-1]).view(-1)
 
 
 def same_dense_layout(g: torch.Tensor, r: torch.Tensor) -> bool:
@@ -296,23 +297,16 @@ class _Group:
 
     def add(self, g: torch.Tensor | None, r: torch.Tensor, n: int) -> None:
         if g is not None:
-            self.grads.append(_bits(g))
-        self.refs.append(_bits(r))
+            self.grads.append(as_bits(g))
+        self.refs.append(as_bits(r))
         self.numels.append(n)
         self.total += n
 
     def cut(self, scratch: torch.Tensor) -> None:
         self.rows = scratch[:, : self.total] if self.has_grads else scratch[1:, : self.total]
-        self.r_slots = list(torch.split_with_sizes(_bits(self.rows[-1]), self.numels))
+        self.r_slots = list(torch.split_with_sizes(as_bits(self.rows[-1]), self.numels))
         if self.has_grads:
-            self.g_slots = list(torch.split_with_sizes(_bits(self.rows[0]), self.numels))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 as int16, for the packing copies: CUDA's _foreach_copy_ goes through fp32
-    and back, which turns every NaN into the canonical one (other bits in a gradient that
-    must stay untouched). An integer copy moves the bits as they are."""
-    return t.view(torch.int16) if t.dtype in _LOW_PRECISION else t
+            self.g_slots = list(torch.split_with_sizes(as_bits(self.rows[0]), self.numels))
 
 
 def _as_1d(t: torch.Tensor) -> torch.Tensor:

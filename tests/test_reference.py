@@ -133,6 +133,24 @@ def test_capture_overwrites_every_element(device):
         assert_bit_identical(t, p.grad, f"slot {i}")
 
 
+@pytest.mark.parametrize("dtype,nan_bits", [(torch.float16, (0x7C01, 0x7E01)), (torch.bfloat16, (0x7F81, 0x7FC1)),
+                                            (torch.float32, (0x7F800001, 0x7FC00001))])
+def test_capture_copies_nan_payloads_bit_for_bit(dtype, nan_bits, device):
+    """A captured reference is the gradient's bits, NaN payloads included: on CUDA a
+    float copy of fp16/bf16 goes through fp32 and would make every NaN the canonical one."""
+    gen = torch.Generator().manual_seed(6)
+    params = make_params(device, [dtype] * len(SHAPES))
+    set_grads(params, gen)
+    ints = {2: torch.int16, 4: torch.int32}[params[0].grad.element_size()]
+    for p in params:
+        if p.grad.numel() >= 2:
+            raw = p.grad.view(ints).view(-1)
+            raw[0], raw[-1] = nan_bits
+    rg = agem_fast.ReferenceGradient(params).capture_(params)
+    for i, (t, p) in enumerate(zip(rg.as_list(), params)):
+        assert_bit_identical(t, p.grad, f"slot {i}")
+
+
 def test_none_grads_become_absent_and_are_ignored(backend, device):
     gen = torch.Generator().manual_seed(5)
     params = make_params(device)
