@@ -1139,3 +1139,32 @@ def test_fp32_sums_never_span_two_tensors(n_tensors, size, backend):
     res = agem_fast.project_(params, refs)
     assert math.isfinite(float(res.dot)) and math.isfinite(float(res.ref_sq_norm)), res
     check_call(res, orc, [p.grad for p in params], before, "cpu")
+
+
+def test_cuda_work_is_queued_on_the_current_stream(backend, device):
+    """project_ queues everything on the current stream: run on a side stream while the
+    default stream is kept busy, its results (read back on the side stream, which waits
+    for nothing else) must already be the projection. Work queued on the default stream
+    would still be waiting behind the sleep."""
+    if device.type != "cuda":
+        pytest.skip("streams are CUDA's")
+    gen = torch.Generator().manual_seed(21)
+    params, refs = [], []
+    for shape in [(3000,), (40, 50), (7,)]:
+        g = rand_values(gen, shape)
+        p = torch.empty(shape, device=device)
+        p.grad = g.to(device=device, dtype=torch.float32)
+        params.append(p)
+        refs.append((-g + 0.5 * rand_values(gen, shape)).to(device=device, dtype=torch.float32))  # projects
+    before = [p.grad.cpu() for p in params]
+    orc = oracle(before, [r.cpu() for r in refs])
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    torch.cuda._sleep(int(2e8))  # the default stream: busy for about 0.1 s
+    with torch.cuda.stream(side):
+        res = agem_fast.project_(params, refs)
+        res_cpu = type(res)(*(t.cpu() for t in res))  # each copy waits for the side stream only
+        after = [p.grad.cpu() for p in params]
+    torch.cuda.synchronize()
+    assert bool(res_cpu.projected)
+    check_call(res_cpu, orc, after, before, torch.device("cpu"))
