@@ -360,15 +360,20 @@ def make_plan(params: list, ref_grad, eps: float, sharded: bool = False) -> Plan
             if r.shape != g_shape:
                 r = r.reshape(g_shape)  # a view whenever the layout allows, else a copy
         if not compiling:  # the byte ranges written and read, for the check below
-            g_span = (g.data_ptr(), g.data_ptr() + g.nbytes) if contiguous else _span(g)
+            if contiguous:
+                g_lo = g.data_ptr()
+                g_span = (g_lo, g_lo + g.nbytes)
+            else:
+                g_span = _span(g)
             if g_span is not None and g_span[0] < g_span[1]:
                 grad_spans.append(g_span)
-                if g_span[0] == r.data_ptr() and _same_view(g, r):
+                r_lo = r.data_ptr()
+                if g_span[0] == r_lo and _same_view(g, r):
                     # a reference that is its own gradient is harmless: each element is
                     # read before it is written (as g itself, so torch sees full overlap)
                     r = g
                 elif not flat_form:  # (a flat reference is one range, added below)
-                    ref_spans.append((r.data_ptr(), r.data_ptr() + r.nbytes) if contiguous else _span(r))
+                    ref_spans.append((r_lo, r_lo + r.nbytes) if contiguous else _span(r))
         plan_grads.append(g)
         plan_refs.append(r)
         grad_index.append(i)
