@@ -27,7 +27,9 @@ class ReferenceGradient:
 
     A parameter of an integer or bool dtype (a frozen lookup table, say) can never
     have a gradient: its slot is always absent, zeros of the other slots' dtype, so
-    `flat` still has Avalanche's layout.
+    `flat` still has Avalanche's layout. So is the slot of a frozen parameter (no
+    requires_grad) of a dtype agem_fast does not support (complex, float8); one that
+    requires grad is refused here, and a gradient of such a dtype by `capture_`.
     """
 
     def __init__(self, params: Iterable[torch.Tensor]):
@@ -35,8 +37,8 @@ class ReferenceGradient:
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
-            if p.dtype not in SUPPORTED_DTYPES and _can_have_grad(p):
-                raise TypeError(f"params[{i}] has unsupported dtype {p.dtype}")
+            if p.dtype not in SUPPORTED_DTYPES and _can_have_grad(p) and p.requires_grad:
+                raise TypeError(f"params[{i}] has unsupported dtype {p.dtype} and requires grad")
         self._shapes = [tuple(p.shape) for p in params]
         self._slots: List[torch.Tensor] = []
         # What as_list() returns, kept up to date by capture_: project_ reads it at every call.
@@ -45,10 +47,10 @@ class ReferenceGradient:
         # Per slot: its version counter when it was last left all zeros, else None.
         self._zeros_at: List[Optional[int]] = [None] * len(params)
 
-        kinds = {(p.dtype, p.device) for p in params if _can_have_grad(p)}
+        kinds = {(p.dtype, p.device) for p in params if _has_slot(p)}
         if len(kinds) > 1:
             self._slots = [
-                torch.empty_like(p, memory_format=torch.preserve_format) if _can_have_grad(p)
+                torch.empty_like(p, memory_format=torch.preserve_format) if _has_slot(p)
                 else torch.zeros(p.shape, device=p.device)  # never present
                 for p in params
             ]
@@ -60,7 +62,7 @@ class ReferenceGradient:
         offset = 0
         for p in params:
             slot = self._buffer.as_strided(p.shape, _dense_strides_like(p), offset)
-            if not _can_have_grad(p):
+            if not _has_slot(p):
                 slot.zero_()  # never present
             self._slots.append(slot)
             offset += p.numel()
@@ -104,6 +106,8 @@ class ReferenceGradient:
                     )
                 if g.device != slot.device:
                     raise ValueError(f"params[{i}].grad is on {g.device}, the reference on {slot.device}")
+                if g.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(f"params[{i}].grad has unsupported dtype {g.dtype}")
                 if g.dtype != slot.dtype:  # a copy would silently round it
                     raise TypeError(f"params[{i}].grad has dtype {g.dtype}, the reference {slot.dtype}")
             grads.append(g)
@@ -138,6 +142,11 @@ def _version(t: torch.Tensor) -> Optional[int]:
 def _can_have_grad(p: torch.Tensor) -> bool:
     """Only floating point and complex tensors can have gradients."""
     return p.is_floating_point() or p.is_complex()
+
+
+def _has_slot(p: torch.Tensor) -> bool:
+    """Whether p's gradient can be captured: the others' slots are always absent."""
+    return p.dtype in SUPPORTED_DTYPES
 
 
 def _dense_strides_like(p: torch.Tensor):

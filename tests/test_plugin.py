@@ -488,6 +488,29 @@ def test_step_parity_with_an_integer_parameter():
     assert ours.reference_gradient.present[0] is False
 
 
+class _WithFrozenComplexGain(nn.Module):
+    """A model with a frozen complex parameter (a dtype agem_fast does not support; as it
+    is frozen, it never has a gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((N_FEATURES,), 1 + 0.5j, dtype=torch.complex64), requires_grad=False)
+        self.mlp = SimpleMLP(N_CLASSES, N_FEATURES, 16)
+
+    def forward(self, x):
+        return self.mlp(x * self.gain.real)
+
+
+def test_step_parity_with_a_frozen_complex_parameter():
+    benchmark = make_benchmark(seed=9)
+    torch.manual_seed(9)
+    events = record_avalanche_run(benchmark, _WithFrozenComplexGain(), 30, 25, epochs=1)
+    ours = AGEMPlugin(30, 25)
+    n_steps, n_projected = replay(events, ours)
+    assert n_steps == 16 and n_projected > 0
+    assert ours.reference_gradient.present[0] is False
+
+
 @pytest.mark.parametrize("memory", ["tensor", "dataset"])
 def test_more_experiences_than_sample_size_fail_where_avalanche_does(memory):
     """Avalanche stores any number of experiences; its loader fails at the first

@@ -287,12 +287,38 @@ def test_capture_bad_input_raises_and_changes_nothing(kind, device):
             assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]), f"slot {i} changed"
 
 
-def test_unsupported_param_dtype_rejected():
-    # a complex parameter can have a gradient that no backend supports
-    with pytest.raises(TypeError, match=r"\[1\]"):
-        agem_fast.ReferenceGradient([torch.empty(3), torch.empty(3, dtype=torch.complex64)])
+def test_unsupported_param_dtype_rejected_unless_frozen():
+    """A complex or float8 parameter that requires grad can get a gradient no backend
+    supports: refused. A frozen one (a fixed Fourier basis, say) never gets one: its
+    slot is always absent, as an integer parameter's is, and Avalanche's plugin runs on
+    such a model too. A gradient of such a dtype turning up anyway is refused by
+    capture_, which then changes nothing."""
+    with pytest.raises(TypeError, match=r"params\[1\] has unsupported dtype torch.complex64 and requires grad"):
+        agem_fast.ReferenceGradient([torch.empty(3), nn_param(torch.ones(3, dtype=torch.complex64))])
     with pytest.raises(TypeError, match=r"\[1\]"):
         agem_fast.ReferenceGradient([torch.empty(3), "weight"])
+    gen = torch.Generator().manual_seed(9)
+    frozen = [nn_param(torch.ones(3, dtype=torch.complex64), False)]
+    if hasattr(torch, "float8_e4m3fn"):
+        frozen.append(nn_param(torch.ones(2, 2).to(torch.float8_e4m3fn), False))
+    params = [nn_param(torch.empty(4, 2))] + frozen + [nn_param(torch.empty(5))]
+    rg = agem_fast.ReferenceGradient(params)
+    for p in (params[0], params[-1]):
+        p.grad = _vals(gen, p.shape, p.dtype, p.device)
+    rg.capture_(params)
+    assert rg.present == [True] + [False] * len(frozen) + [True]
+    expected = torch.cat([params[0].grad.reshape(-1)] + [torch.zeros(p.numel()) for p in frozen]
+                         + [params[-1].grad])
+    assert_bit_identical(rg.flat, expected, "rg.flat")  # Avalanche's layout: zeros for the frozen ones
+    before = rg.flat.clone()
+    frozen[0].grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"params\[1\]\.grad has unsupported dtype torch.complex64"):
+        rg.capture_(params)
+    assert_bit_identical(rg.flat, before, "rg.flat after the refused capture")
+
+
+def nn_param(t, requires_grad=True):
+    return torch.nn.Parameter(t, requires_grad=requires_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
