@@ -76,6 +76,8 @@ def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, grou
     """
     eps = check_eps(eps)
     params = param_list(params)
+    if group is not None and not torch.compiler.is_compiling():
+        _check_group(group)
     if group is None and not torch.compiler.is_compiling() and _forced_backend() != "torch":
         # Plain valid calls are planned and run in C++ (microseconds per parameter less).
         refs = ref_grad._refs if isinstance(ref_grad, ReferenceGradient) else ref_grad
@@ -93,6 +95,14 @@ def project_(params: Iterable[torch.Tensor], ref_grad, *, eps: float = 0.0, grou
 TRACEABLE_FROM = "2.6"
 if torch.__version__ < TRACEABLE_FROM:
     project_ = torch.compiler.disable(project_)
+
+
+def _check_group(group) -> None:
+    """Before any work: a wrong group= would otherwise fail only at the all-reduce."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
 
 
 def _project_planned(params: list, ref_grad, eps: float, group) -> Projection:

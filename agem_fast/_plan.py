@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -37,9 +38,12 @@ class Plan:
 def check_eps(eps) -> float:
     if type(eps) is float and 0.0 <= eps < math.inf:  # the usual case, first (NaN fails)
         return eps
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):  # (NumPy's floats are Real)
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
+    try:
+        eps = float(eps)
+    except OverflowError:  # an int past float's range
+        raise ValueError("eps must be finite and >= 0, got an integer too large for a float") from None
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return eps

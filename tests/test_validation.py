@@ -353,6 +353,14 @@ def case_eps_none(params, refs, device, gen):
     return params, refs, {"eps": None}, r"(?i)eps"
 
 
+def case_eps_int_past_float_range(params, refs, device, gen):
+    return params, refs, {"eps": 10**400}, r"(?i)eps"
+
+
+def case_group_not_a_process_group(params, refs, device, gen):
+    return params, refs, {"group": "world"}, r"group must be a torch\.distributed\.ProcessGroup, got str"
+
+
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 
 
@@ -432,3 +440,13 @@ def test_bad_entry_first_is_also_rejected(backend, device):
     refs[3] = refs[3].double()
     with pytest.raises(TypeError, match=r"\[3\]|\b3\b"):
         agem_fast.project_(params, refs)
+
+
+def test_eps_accepts_any_real_number():
+    """NumPy's float32 is a numbers.Real like a Python float: the same eps, the same coef."""
+    np = pytest.importorskip("numpy")
+    coefs = []
+    for eps in (0.25, np.float32(0.25), np.float64(0.25)):
+        params, refs = valid_problem(torch.device("cpu"))
+        coefs.append(float(agem_fast.project_(params, refs, eps=eps).coef))
+    assert coefs[0] == coefs[1] == coefs[2] != 0.0
