@@ -268,6 +268,8 @@ class AGEMPlugin(_PluginBase):
 
     Attributes (as Avalanche's): `buffers` (one dataset per experience: a subset of
     the experience's dataset with memory="dataset", a `TensorMemory` with
+    memory="tensor"; a dataset appended by hand joins the walk at the next
+    `update_memory`, as with Avalanche's loader, and is then stored as tensors with
     memory="tensor"), `reference_gradients` (the last reference gradient in
     Avalanche's flat layout, zeros where a parameter had no gradient; assignable, as
     in Avalanche: `after_backward` then projects against the assigned flat tensor until
@@ -381,6 +383,11 @@ class AGEMPlugin(_PluginBase):
         dataset subsets themselves (load with `torch.load(..., weights_only=False)`).
         """
         if self.memory == "tensor":
+            for k, b in enumerate(self.buffers):
+                if not isinstance(b, TensorMemory):
+                    raise TypeError(
+                        f"AGEMPlugin.state_dict: buffers[{k}] is a {type(b).__name__}, put in by hand; "
+                        "with memory='tensor' it is stored as tensors at the next update_memory")
             buffers = [list(b.fields) for b in self.buffers]
         else:
             buffers = list(self.buffers)
@@ -482,18 +489,21 @@ class AGEMPlugin(_PluginBase):
         dataset's collate output (CPU tensors, as Avalanche's loader gives).
         None when the memory is empty (or every stored experience is).
         """
-        if not self.buffers:
+        # As Avalanche's memory loader, made by update_memory: it walks the buffers there
+        # were then (one appended to `buffers` by hand joins at the next update_memory).
+        walked = self.buffers[: len(self._cursors)]
+        if not walked:
             return None
-        per_exp = self.sample_size // len(self.buffers)
+        per_exp = self.sample_size // len(walked)
         if per_exp < 1:
             raise ValueError(
-                f"AGEMPlugin: {len(self.buffers)} experiences in memory but sample_size="
+                f"AGEMPlugin: {len(walked)} experiences in memory but sample_size="
                 f"{self.sample_size}: a reference batch takes sample_size // n_experiences "
                 f"patterns from every experience, which is 0 (Avalanche's memory loader "
                 f"fails here too). Use a sample_size of at least the number of experiences."
             )
         ranges = []
-        for k, buf in enumerate(self.buffers):
+        for k, buf in enumerate(walked):
             n = len(buf)
             if n == 0:
                 continue
@@ -541,21 +551,29 @@ class AGEMPlugin(_PluginBase):
                         dataset, "collate_fn", None
                     )
             else:
-                buffer = self._materialise(dataset, indices)
+                # A dataset put in `buffers` by hand (as Avalanche's allow) is stored as
+                # tensors too, whole, as the walk would take it.
+                earlier: List[TensorMemory] = []
+                for b in self.buffers:
+                    earlier.append(b if isinstance(b, TensorMemory) else self._materialise(b, None, earlier))
+                buffer = self._materialise(dataset, indices, earlier)
         except BaseException:
             random.setstate(rng_state)
             torch.set_rng_state(torch_rng_state)  # drawn by random transforms
             raise
 
+        if self.memory == "tensor":
+            self.buffers = earlier
         self.buffers.append(buffer)
         self._cursors = [0] * len(self.buffers)  # a new loader restarts every walk
 
-    def _materialise(self, dataset, indices: Optional[List[int]]) -> TensorMemory:
-        """The patterns of `dataset` at `indices` (all if None), collated once. Sets the
-        collate function (Avalanche collates every reference batch with the first
-        buffer's) only when it succeeds."""
+    def _materialise(self, dataset, indices: Optional[List[int]],
+                     earlier_buffers: List[TensorMemory]) -> TensorMemory:
+        """The patterns of `dataset` at `indices` (all if None), collated once, to follow
+        `earlier_buffers`. Sets the collate function (Avalanche collates every reference
+        batch with the first buffer's) only when it succeeds."""
         collate_fn = self._collate_fn
-        if not self.buffers or collate_fn is None:
+        if not earlier_buffers or collate_fn is None:
             collate_fn = getattr(dataset, "collate_fn", None)
         collate = collate_fn or _default_collate
         idx = range(len(dataset)) if indices is None else indices
@@ -563,7 +581,7 @@ class AGEMPlugin(_PluginBase):
         items = [dataset[i] for i in idx]
         random_transforms = not torch.equal(torch_rng, torch.get_rng_state())
         device = self._device if self._device is not None else torch.device("cpu")
-        earlier = next((b.fields for b in self.buffers if len(b) > 0), None)
+        earlier = next((b.fields for b in earlier_buffers if len(b) > 0), None)
         if not items:
             self._collate_fn = collate_fn
             return TensorMemory([f[:0] for f in earlier] if earlier else [])
@@ -624,6 +642,8 @@ class AGEMPlugin(_PluginBase):
         if self.memory != "tensor":
             return
         for buf in self.buffers:
+            if not isinstance(buf, TensorMemory):
+                continue  # put in by hand: stored as tensors at the next update_memory
             d = buf.device
             if d is not None and d != device:
                 buf.to(device)

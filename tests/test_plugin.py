@@ -353,6 +353,36 @@ def test_reference_batches_match_avalanche_on_edge_memories(memory, sizes, ppe, 
                 assert torch.equal(a.cpu(), b), f"after experience {k}, draw {draw}: {a} vs {b}"
 
 
+@pytest.mark.parametrize("memory", ["tensor", "dataset"])
+def test_a_buffer_appended_by_hand_is_walked_as_avalanche_walks_it(memory):
+    """`buffers` is Avalanche's attribute, which users may extend (to preload a memory,
+    say). As Avalanche's memory loader, made by update_memory, the walk takes such a
+    buffer from the next update_memory on; with memory="tensor" it is then stored as
+    tensors, whole."""
+    ours, theirs = AGEMPlugin(6, 9, memory=memory), AvalancheAGEMPlugin(6, 9)
+    sets = [_numbered_dataset(20, k, 100 * k) for k in range(3)]
+
+    def compare(what, draws=5):
+        for draw in range(draws):
+            want, got = theirs.sample_from_memory(), ours.sample_from_memory()
+            assert len(got) == len(want)
+            for a, b in zip(got, want):
+                assert torch.equal(a.cpu(), b), f"{what}, draw {draw}: {a} vs {b}"
+
+    for plugin in (theirs, ours):
+        random.seed(0)
+        plugin.update_memory(sets[0])
+        plugin.buffers.append(sets[1].subset(range(4)))
+    compare("after the append")
+    for plugin in (theirs, ours):
+        random.seed(2)
+        plugin.update_memory(sets[2])
+    assert len(ours.buffers) == 3
+    compare("after the next update_memory", draws=8)
+    if memory == "tensor":
+        assert all(isinstance(b, TensorMemory) for b in ours.buffers)
+
+
 def _marked_collate(mark):
     def collate(items):
         from torch.utils.data import default_collate
