@@ -6,7 +6,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from ._plan import SUPPORTED_DTYPES, as_bits
+from ._plan import SUPPORTED_DTYPES, _local_shard, as_bits
 
 
 class ReferenceGradient:
@@ -37,6 +37,10 @@ class ReferenceGradient:
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
+        # A DTensor parameter (FSDP2) holds only its shard here: so does its slot, and
+        # project_(..., group=) reads the slots as the shards' references.
+        params = [_local_shard(p, f"params[{i}]", sharded=True) for i, p in enumerate(params)]
+        for i, p in enumerate(params):
             if p.dtype not in SUPPORTED_DTYPES and _can_have_grad(p) and p.requires_grad:
                 raise TypeError(f"params[{i}] has unsupported dtype {p.dtype} and requires grad")
         self._shapes = [tuple(p.shape) for p in params]
@@ -98,6 +102,7 @@ class ReferenceGradient:
         for i, (p, slot) in enumerate(zip(params, self._slots)):
             g = p.grad
             if g is not None:
+                g = _local_shard(g, f"params[{i}].grad", sharded=True)
                 if g.layout != torch.strided:
                     raise ValueError(f"params[{i}].grad is sparse ({g.layout})")
                 if tuple(g.shape) != self._shapes[i]:

@@ -119,6 +119,19 @@ def _dtensor(rank):
     for p, want in zip(params, expected.new_grads):
         torch.testing.assert_close(p.grad.full_tensor().double(), want, rtol=1e-5, atol=1e-6)
 
+    # The same through a ReferenceGradient: its slots hold this rank's shards.
+    ref = agem_fast.ReferenceGradient(params)
+    for p, r in zip(params, dref):
+        p.grad = r
+    ref.capture_(params)
+    assert [tuple(t.shape) for t in ref.as_list()] == [tuple(p.to_local().shape) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+    res = agem_fast.project_(params, ref, group=mesh.get_group())
+    assert float(res.coef) == pytest.approx(expected.coef, rel=1e-6)
+    for p, want in zip(params, expected.new_grads):
+        torch.testing.assert_close(p.grad.full_tensor().double(), want, rtol=1e-5, atol=1e-6)
+
 
 def _plugin_ddp(rank):
     """AGEMPlugin on a DDP-wrapped model: each rank trains on its own data and memory;
