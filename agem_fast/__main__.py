@@ -70,7 +70,9 @@ def run(workload: str, device: str, dtype: str, repeats: int) -> int:
     gbps = 5 * n * refs[0].element_size() / (ours * 1e-3) / 1e9
     print(f"agem_fast {agem_fast.__version__}: A-GEM projection, {workload} shapes "
           f"({len(params)} tensors, {n / 1e6:.1f}M params), {dtype}, {dev}")
-    print(f"  backend           : {backend_for(dev)}")
+    backend = backend_for(dev)
+    what = {"cpu": "C++ extension", "cuda": "CUDA extension", "torch": "pure PyTorch"}.get(backend, "")
+    print(f"  backend           : {backend} ({what})")
     print(f"  max rel. error    : {worst:.2e} vs float64  [{'OK' if ok else 'FAIL'}]")
     print(f"  agem_fast         : {ours:8.3f} ms/projection  ({gbps:.1f} GB/s effective)")
     print(f"  Avalanche's algo  : {theirs:8.3f} ms/projection")
