@@ -67,8 +67,9 @@ def test_compiled_call_keeps_nan_bits_when_not_projecting(backend, device):
     projection). With one exception, which the README states: compiled code writes the
     torch backend's in-place update of an fp16/bf16 gradient back through fp32, so there
     a NaN may come back as another NaN (every other element keeps its bits)."""
-    payloads = {torch.float16: (0x7C01, 0x7E01, 0xFE03), torch.bfloat16: (0x7F81, 0x7FC1, 0xFF83),
-                torch.float32: (0x7F800001, 0x7FC00001, 0xFF800003)}
+    # signalling, quiet, and a negative quiet NaN (0xFE03, 0xFF83, 0xFF800003 as signed ints)
+    payloads = {torch.float16: (0x7C01, 0x7E01, -0x01FD), torch.bfloat16: (0x7F81, 0x7FC1, -0x007D),
+                torch.float32: (0x7F800001, 0x7FC00001, -0x007FFFFD)}
     ints = {2: torch.int16, 4: torch.int32}
     gen = torch.Generator().manual_seed(11)
     params, refs = [], []
@@ -76,7 +77,7 @@ def test_compiled_call_keeps_nan_bits_when_not_projecting(backend, device):
         g = torch.randn(4, 7, generator=gen).to(dtype)
         raw = g.view(ints[g.element_size()])
         for k, b in enumerate(nan_bits):
-            raw.view(-1)[3 * k + 1] = b - (1 << 8 * g.element_size()) if b >= 1 << (8 * g.element_size() - 1) else b
+            raw.view(-1)[3 * k + 1] = b
         p = torch.empty(4, 7, dtype=dtype, device=device)
         p.grad = g.to(device)
         params.append(p)
